@@ -1,0 +1,111 @@
+"""Number formats: how quantized values are stored. The pure-torch code here is the specification for kernels.
+
+INT(b, symmetric) with a granularity (see granularity.py), following the GPTQ reference quantizer:
+
+* asymmetric: ``lo = min(min x, 0)``, ``hi = max(max x, 0)`` (the range always holds 0, so 0 is exact),
+  ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)``, ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
+  ``x̂ = s · (q - z)``.
+* symmetric: ``s = max|x| / (2^(b-1) - 1)``, ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)``, ``x̂ = s · q``
+  (AWQ's, SmoothQuant's and LLM.int8()'s rule: ``±max|x|`` is exact, nothing clips, and quantizing a quantized
+  tensor changes nothing. GPTQ's and torchao's ``max|x| / ((2^b - 1) / 2)`` clips the positive extreme and is
+  not idempotent. RTN never emits ``-2^(b-1)``; error-feedback methods may.)
+
+Scales are rounded to their storage dtype (fp16) *before* encoding, so fake quantization computes exactly what a
+deployed kernel with fp16 scales computes. A group whose range is 0 (all zeros) gets scale 1: its codes decode
+to the exact input. Rounding is round-half-to-even (torch.round).
+
+Effective bits per element count the codes plus the per-group metadata: a 16-bit scale, and for asymmetric
+formats a ``b``-bit zero point (packed integer zeros, as GPTQ and AWQ store them):
+``b + (16 + [asym]·b) / group_elements``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .granularity import Granularity, from_groups, to_groups
+
+SCALE_BITS = 16
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """Integer codes with their scales: ``codes[R, G, n]``, ``scale``/``zero`` ``[R, G, 1]``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: tuple[int, int]
+    fmt: "IntFormat"
+    gran: Granularity
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return from_groups(self.fmt.decode(self.codes, self.scale, self.zero), self.shape).to(dtype)
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    bits: int
+    symmetric: bool = False
+    scale_dtype: torch.dtype = torch.float16
+
+    VALID_BITS = tuple(range(2, 9))
+
+    def __post_init__(self) -> None:
+        if self.bits not in self.VALID_BITS:
+            raise ValueError(f"INT format bits must be one of {list(self.VALID_BITS)}, got {self.bits!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def fit(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale and zero point for grouped values ``g[R, G, n]`` (statistics over the last axis)."""
+        g = g.float()
+        if self.symmetric:
+            scale, zero = g.abs().amax(-1, keepdim=True) / (2 ** (self.bits - 1) - 1), None
+        else:
+            lo = g.amin(-1, keepdim=True).clamp(max=0)
+            hi = g.amax(-1, keepdim=True).clamp(min=0)
+            scale = (hi - lo) / (2**self.bits - 1)
+        scale = self._stored(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        if not self.symmetric:
+            zero = torch.round(-lo / scale).clamp(0, self.qmax)
+        return scale, zero
+
+    def encode(self, g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        q = torch.round(g.float() / scale)
+        if zero is not None:
+            q = q + zero
+        return q.clamp(self.qmin, self.qmax).to(torch.int16)
+
+    def decode(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        q = codes.float()
+        return scale * (q - zero if zero is not None else q)
+
+    def quantize(self, x: torch.Tensor, gran: Granularity) -> QTensor:
+        g = to_groups(x, gran)
+        scale, zero = self.fit(g)
+        return QTensor(self.encode(g, scale, zero), scale, zero, tuple(x.shape), self, gran)
+
+    def fake(self, x: torch.Tensor, gran: Granularity) -> torch.Tensor:
+        """Quantize then dequantize, returned in ``x``'s dtype: what accuracy cases evaluate."""
+        return self.quantize(x, gran).dequantize(x.dtype)
+
+    def bits_per_element(self, shape: tuple[int, int], gran: Granularity) -> float:
+        rows, cols = shape
+        meta = SCALE_BITS + (0 if self.symmetric else self.bits)
+        return self.bits + meta * gran.num_groups(rows, cols) / (rows * cols)
+
+    def _stored(self, scale: torch.Tensor) -> torch.Tensor:
+        # Round to the storage dtype, never to 0 or inf there (fp16 spans 6e-8 .. 65504).
+        info = torch.finfo(self.scale_dtype)
+        return scale.clamp(info.tiny, info.max).to(self.scale_dtype).float()
+
+    def __str__(self) -> str:
+        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}"

@@ -1,0 +1,169 @@
+"""The model registry: every model a case can name, how to get its weights, and how to evaluate it.
+
+Kinds:
+  hub       full-size Hugging Face models, resolved from a model directory ($PTQSUITE_MODEL_DIR / --model-dir) or
+            the Hugging Face cache; downloaded only with --download-models. Missing weights skip the case.
+  shipped   small real models whose files are in this package (ptqsuite/assets/models).
+  pip-gguf  real models whose weights come from a Python package's GGUF file (see weights.py), converted once.
+  random    deterministic tiny random-init models with a real architecture's layout, scaled down.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .paths import ASSETS
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    arch: str
+    kind: str
+    hub_id: str | None = None
+    source: object = None  # kind-specific: an asset folder, a weights.PipGGUF, or a random config dict
+    bos_per_window: bool = False  # eval protocol: prepend BOS to each window (models trained on BOS-led text)
+    seed: int = 0
+    notes: str = ""
+
+
+class WeightsMissing(Exception):
+    """The weights are not on this machine; the message says where we looked and how to provide them."""
+
+
+@dataclass
+class Loaded:
+    spec: ModelSpec
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+
+
+# Llama-3-8B's layout (GQA 4:1, RoPE θ = 500000, untied head, SwiGLU 3.5×, RMSNorm ε 1e-5) scaled down.
+# Tiny models share stories260K's 512-token Llama tokenizer: the vocabulary is scaled down with the rest.
+LLAMA3_TINY = dict(
+    model_type="llama", hidden_size=256, intermediate_size=896, num_hidden_layers=2, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=32, rope_theta=500000.0, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, vocab_size=512, hidden_act="silu", bos_token_id=1, eos_token_id=2,
+)
+
+
+def _registry() -> dict[str, ModelSpec]:
+    from .weights import SMOLLM2
+
+    hub = lambda name, family, hub_id: ModelSpec(name, family, "llama", "hub", hub_id)  # noqa: E731
+    specs = [
+        hub("llama2-7b", "llama2", "meta-llama/Llama-2-7b-hf"),
+        hub("llama3-8b", "llama3", "meta-llama/Meta-Llama-3-8B"),
+        hub("llama3.1-8b", "llama3", "meta-llama/Llama-3.1-8B"),
+        hub("mistral-7b", "mistral", "mistralai/Mistral-7B-v0.1"),
+        hub("qwen2.5-7b", "qwen2", "Qwen/Qwen2.5-7B"),
+        ModelSpec("stories260k", "tinystories", "llama", "shipped", "karpathy/tinyllamas", "stories260K",
+                  bos_per_window=True, notes="trained 260K-parameter Llama (TinyStories), MIT"),
+        ModelSpec("smollm2-135m", "smollm2", "llama", "pip-gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2,
+                  notes="weights dequantized from GGUF Q4_1: RTN asym g32 is an artefact on this model"),
+        ModelSpec("llama3-tiny-random", "llama3", "llama", "random", None, LLAMA3_TINY, seed=0,
+                  notes="random-init, Llama-3 layout scaled down"),
+    ]
+    return {s.name: s for s in specs}
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def registry() -> dict[str, ModelSpec]:
+    if not REGISTRY:
+        REGISTRY.update(_registry())
+    return REGISTRY
+
+
+def get(name: str) -> ModelSpec:
+    try:
+        return registry()[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(registry())}") from None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where to look for weights: the user's settings, passed down from the plugin or the CLI."""
+
+    model_dir: str | None = field(default_factory=lambda: os.environ.get("PTQSUITE_MODEL_DIR"))
+    download: bool = False
+
+
+def load(spec: ModelSpec, device: str | torch.device, dtype: torch.dtype, sources: Sources = Sources()) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.kind == "random":
+        model, tok_dir = build_random(spec), ASSETS / "models" / "stories260K"
+        model = model.to(device=device, dtype=dtype)
+        path = f"random:{spec.name}:seed={spec.seed}"
+    else:
+        path = tok_dir = _weights_dir(spec, sources)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval().requires_grad_(False)
+    return Loaded(spec, model, AutoTokenizer.from_pretrained(tok_dir), str(path))
+
+
+def _weights_dir(spec: ModelSpec, sources: Sources) -> Path:
+    if spec.kind == "shipped":
+        return ASSETS / "models" / spec.source
+    if spec.kind == "pip-gguf":
+        from .weights import WeightsUnavailable, ensure
+
+        try:
+            return ensure(spec.source)
+        except WeightsUnavailable as e:
+            raise WeightsMissing(f"{spec.name}: {e}") from e
+    if spec.kind == "hub":
+        return _hub_dir(spec, sources)
+    raise ValueError(f"model {spec.name!r} has unknown kind {spec.kind!r}")
+
+
+def _hub_dir(spec: ModelSpec, sources: Sources) -> Path:
+    looked = []
+    if sources.model_dir:
+        for sub in (spec.name, spec.hub_id.split("/")[-1], spec.hub_id.replace("/", "--")):
+            candidate = Path(sources.model_dir) / sub
+            if (candidate / "config.json").is_file():
+                return candidate
+            looked.append(str(candidate))
+    else:
+        looked.append("model directory: not set ($PTQSUITE_MODEL_DIR or --model-dir)")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(spec.hub_id, local_files_only=not sources.download,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:  # huggingface_hub raises several types for 'not cached' and 'offline'
+        looked.append(f"Hugging Face cache {constants.HF_HUB_CACHE} ({type(e).__name__})")
+    raise WeightsMissing(
+        f"{spec.name}: weights for {spec.hub_id} not found. Looked in: {'; '.join(looked)}. "
+        f"Provide them with `huggingface-cli download {spec.hub_id}` (into the HF cache), or put the model folder "
+        f"at $PTQSUITE_MODEL_DIR/{spec.name}, or run with --download-models."
+    )
+
+
+def build_random(spec: ModelSpec) -> torch.nn.Module:
+    """A model whose weights depend only on (config, seed, parameter name): stable across transformers versions,
+    whose own init code changes. Linear weights ~ N(0, 1/fan_in) keep activations at unit scale, so the logits are
+    far from uniform and quantization error shows in the metrics."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**spec.source)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + zlib.crc32(name.encode()))
+            if p.dim() == 1:
+                p.fill_(1.0)  # norm gains
+            else:
+                std = 1.0 if "embed" in name else p.shape[1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model

@@ -1,0 +1,228 @@
+"""The pytest plugin (entry point ``pytest11: ptqsuite``): options, the matrix as parametrized cases, fixtures.
+
+Any test that requests ``ptq_case`` (or ``ptq_result``) is parametrized over every case of the matrix; options
+deselect cases rather than not generating them, so syrupy can tell "not selected" from "removed" and never deletes
+a baseline because a run was filtered.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from syrupy.exceptions import SnapshotDoesNotExist
+
+from . import matrix as matrix_mod
+from . import models
+from .baselines import BaselineExtension, check_finite, compare
+from .matrix import Case, Matrix
+from .recipe import known_methods, known_transforms
+from .runner import Runner, Settings
+
+OPTIONS_KEY = pytest.StashKey["Options"]()
+
+
+class BaselineEnvironmentWarning(UserWarning):
+    """The baseline was recorded with other library versions or settings; the numbers still matched."""
+
+
+@dataclass(frozen=True)
+class Options:
+    matrix: Matrix
+    tier: str
+    bits: frozenset[int]
+    models: frozenset[str]
+    methods: frozenset[str]
+    settings: Settings
+    baselines: Path
+    require_models: bool
+
+    def selects(self, case: Case) -> bool:
+        r = case.recipe
+        return (self.matrix.in_tier(case, self.tier)
+                and (not self.bits or r.weight.bits in self.bits)
+                and (not self.models or case.model.name in self.models)
+                and (not self.methods or bool({r.method, *r.transforms} & self.methods)))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("ptqsuite", "PTQ regression matrix")
+    g.addoption("--bits", action="append", default=[], metavar="B[,B..]",
+                help="only cases whose weights are quantized to these bit-widths (repeatable or comma-separated)")
+    g.addoption("--models", action="append", default=[], metavar="NAME[,..]", help="only these models")
+    g.addoption("--methods", action="append", default=[], metavar="NAME[,..]",
+                help="only recipes using these mitigation methods or transforms")
+    g.addoption("--tier", default="default", help="matrix tier: smoke, default (CPU CI) or full (GPU)")
+    g.addoption("--device", default="auto", help="auto (cuda when visible), cpu, cuda or cuda:N")
+    g.addoption("--ptq-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                help="compute dtype; auto: float32 on CPU, bfloat16 on GPU")
+    g.addoption("--ptq-batch-size", type=int, default=None, help="evaluation batch size (default: fit the logits in 1 GiB)")
+    g.addoption("--model-dir", default=os.environ.get("PTQSUITE_MODEL_DIR"),
+                help="directory holding full-size model folders (default $PTQSUITE_MODEL_DIR)")
+    g.addoption("--download-models", action="store_true", help="download missing hub models instead of skipping")
+    g.addoption("--require-models", action="store_true", help="fail, rather than skip, cases whose weights are missing")
+    g.addoption("--ptq-matrix", default=None, help="matrix TOML (default: the one shipped with ptqsuite)")
+    g.addoption("--ptq-baselines", default=None, help="baseline directory (default: <rootdir>/baselines)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in ("gpu: needs a CUDA device; skipped without one", "slow: minutes on a 2-core CPU; runs with --tier full",
+                 "network: needs the Python package registry"):
+        config.addinivalue_line("markers", line)
+    config.stash[OPTIONS_KEY] = _options(config)
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _options(config: pytest.Config) -> Options:
+    get = config.getoption
+    path = Path(get("--ptq-matrix")) if get("--ptq-matrix") else matrix_mod.DEFAULT
+    try:
+        matrix = matrix_mod.load(path)
+    except (ValueError, KeyError) as e:
+        raise pytest.UsageError(f"bad matrix {path}: {e}") from None
+    tier = get("--tier")
+    if tier not in matrix.tiers:
+        raise pytest.UsageError(f"--tier {tier}: unknown tier; valid: {', '.join(matrix.tiers)}")
+    return Options(
+        matrix=matrix, tier=tier, bits=_valid_bits(_split(get("--bits")), matrix, tier),
+        models=_valid_models(_split(get("--models")), matrix, tier),
+        methods=_valid_methods(_split(get("--methods"))), settings=_settings(config),
+        baselines=Path(get("--ptq-baselines") or config.rootpath / "baselines"),
+        require_models=get("--require-models"),
+    )
+
+
+def _valid_bits(values: list[str], matrix: Matrix, tier: str) -> frozenset[int]:
+    valid = matrix.weight_bits(tier)
+    choices = ", ".join(map(str, valid))
+    for v in values:
+        if not v.isdigit():
+            raise pytest.UsageError(f"--bits {v}: not an integer; valid weight bit-widths in tier {tier!r}: {choices}")
+        if int(v) not in valid:
+            raise pytest.UsageError(f"--bits {v}: no case in tier {tier!r} quantizes weights to {v} bits; valid: {choices}")
+    return frozenset(map(int, values))
+
+
+def _valid_models(values: list[str], matrix: Matrix, tier: str) -> frozenset[str]:
+    in_tier = sorted({c.model.name for c in matrix.cases if matrix.in_tier(c, tier)})
+    for v in values:
+        if v not in models.registry():
+            raise pytest.UsageError(f"--models {v}: unknown model; known models: {', '.join(models.registry())}")
+        if v not in in_tier:
+            raise pytest.UsageError(f"--models {v}: no case in tier {tier!r} uses it; models in this tier: {', '.join(in_tier)}")
+    return frozenset(values)
+
+
+def _valid_methods(values: list[str]) -> frozenset[str]:
+    known = known_methods() + known_transforms()
+    for v in values:
+        if v not in known:
+            raise pytest.UsageError(f"--methods {v}: unknown method; known methods and transforms: {', '.join(known)}")
+    return frozenset(values)
+
+
+def _settings(config: pytest.Config) -> Settings:
+    name = config.getoption("--device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device {name}: not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {name}: no CUDA device is visible here; valid: auto, cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device {name}: unsupported device type; valid: auto, cpu, cuda, cuda:N")
+    dtype = config.getoption("--ptq-dtype")
+    dtype = getattr(torch, dtype) if dtype != "auto" else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    sources = models.Sources(model_dir=config.getoption("--model-dir"), download=config.getoption("--download-models"))
+    return Settings(device=device, dtype=dtype, sources=sources, batch_size=config.getoption("--ptq-batch-size"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "ptq_case" in metafunc.fixturenames:
+        cases = metafunc.config.stash[OPTIONS_KEY].matrix.cases
+        metafunc.parametrize("ptq_case", [pytest.param(c, id=c.id) for c in cases])
+
+
+@pytest.hookimpl(trylast=True)  # after syrupy has recorded what was collected
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    opts = config.stash[OPTIONS_KEY]
+    keep, drop = [], []
+    for item in items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("ptq_case")
+        (drop if case is not None and not opts.selects(case) else keep).append(item)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine"))
+        if item.get_closest_marker("slow") and opts.tier != "full":
+            item.add_marker(pytest.mark.skip(reason=f"slow on this machine: runs with --tier full (this run: --tier {opts.tier})"))
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def ptq_options(pytestconfig: pytest.Config) -> Options:
+    return pytestconfig.stash[OPTIONS_KEY]
+
+
+@pytest.fixture(scope="session")
+def ptq_runner(ptq_options: Options) -> Runner:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if ptq_options.settings.device.type == "cpu" and workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # no oversubscription under xdist
+    return Runner(ptq_options.settings, ptq_options.matrix)
+
+
+def run_or_skip(runner: Runner, case: Case, require_models: bool):
+    """A case's result; missing weights skip it with the reason, or fail it under --require-models."""
+    try:
+        return runner.run(case)
+    except models.WeightsMissing as e:
+        if require_models:
+            pytest.fail(f"{case.id}: {e}", pytrace=False)
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def ptq_result(ptq_case: Case, ptq_runner: Runner, ptq_options: Options, request: pytest.FixtureRequest):
+    result = run_or_skip(ptq_runner, ptq_case, ptq_options.require_models)
+    request.node.user_properties += [("quantize_s", round(result.quantize_s, 3)), ("evaluate_s", round(result.evaluate_s, 3))]
+    return result
+
+
+class Baseline:
+    """``check(result)``: fail on non-finite metrics, then assert against the stored baseline with tolerance."""
+
+    def __init__(self, snapshot, directory: Path):
+        self.extension = BaselineExtension.for_directory(directory)
+        self.snapshot = snapshot.use_extension(self.extension)
+
+    def check(self, result) -> None:
+        payload = result.payload
+        bad = check_finite(payload)
+        if bad:
+            pytest.fail(f"{payload['case']}: non-finite metric(s): {', '.join(bad)}. Nothing was recorded.", pytrace=False)
+        self._warn_environment(payload)
+        assert self.snapshot == payload
+
+    def _warn_environment(self, payload: dict) -> None:
+        try:
+            stored = self.snapshot.extension.read_snapshot(
+                test_location=self.snapshot.test_location, index=self.snapshot.index, session_id="")
+        except SnapshotDoesNotExist:
+            return
+        for note in compare(json.loads(stored), payload).notes:
+            warnings.warn(BaselineEnvironmentWarning(f"{payload['case']}: {note}"), stacklevel=2)
+
+
+@pytest.fixture
+def ptq_baseline(snapshot, ptq_options: Options) -> Baseline:
+    return Baseline(snapshot, ptq_options.baselines / ptq_options.settings.device_class)

@@ -1,0 +1,139 @@
+"""Run a case: load the model once, evaluate the unquantized reference once, quantize a copy, evaluate it.
+
+Everything expensive is cached for the session: loaded models (small ones stay resident; one hub model at a
+time), the reference metrics of each model, and each case's result, so a case's metrics and any test that orders
+cases (e.g. W4 < W3 < W2) share one quantized model build.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__, data, models, pipeline
+from .arch import arch_of
+from .eval.ppl import perplexity
+from .matrix import Case, Matrix
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    sources: models.Sources = field(default_factory=models.Sources)
+    batch_size: int | None = None
+
+    @property
+    def device_class(self) -> str:
+        """Baselines are per device class: numerics legitimately differ between CPU fp32 and GPU bf16."""
+        if self.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(self.device)
+            return f"cuda-sm{major}{minor}-{DTYPE_NAMES[self.dtype]}"
+        return f"{self.device.type}-{DTYPE_NAMES[self.dtype]}"
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    payload: dict  # what the baseline stores
+    quantize_s: float
+    evaluate_s: float
+
+
+class Runner:
+    def __init__(self, settings: Settings, matrix: Matrix):
+        self.settings, self.matrix = settings, matrix
+        self._loaded: dict[str, models.Loaded] = {}
+        self._reference: dict[str, tuple[dict, dict]] = {}
+        self._results: dict[str, CaseResult] = {}
+
+    def loaded(self, spec: models.ModelSpec) -> models.Loaded:
+        if spec.name not in self._loaded:
+            if spec.kind == "hub":  # full-size: one resident at a time
+                for name in [n for n, m in self._loaded.items() if m.spec.kind == "hub"]:
+                    del self._loaded[name]
+            self._loaded[spec.name] = models.load(spec, self.settings.device, self.settings.dtype, self.settings.sources)
+        return self._loaded[spec.name]
+
+    def evaluate(self, model: torch.nn.Module, spec: models.ModelSpec, reference=None) -> tuple[dict, dict]:
+        """Metrics ``{name: {value, ...counts}}`` and the protocol each was measured with. With the unquantized
+        ``reference`` model, also the KL divergence from it on the budget's first ``kld`` windows of each dataset."""
+        tokenizer = self.loaded(spec).tokenizer
+        budget = dict(self.matrix.budget(self.settings.device.type, spec.name))
+        kld_windows = budget.pop("kld", 0)
+        metrics, protocol = {}, {}
+        for dataset, max_windows in budget.items():
+            r = perplexity(model, tokenizer, data.eval_text(dataset), bos_per_window=spec.bos_per_window,
+                           max_windows=max_windows or None, batch_size=self.settings.batch_size,
+                           reference=reference, kld_windows=kld_windows)
+            metrics[f"{dataset}.ppl"] = {"value": r.ppl, "windows": r.windows, "tokens": r.tokens, "nll_std": r.nll_std}
+            if r.kld is not None:
+                metrics[f"{dataset}.kld"] = {"value": r.kld, "windows": r.kld_windows}
+            protocol[dataset] = f"{r.protocol}; windows={r.windows}"
+        return metrics, protocol
+
+    def reference(self, spec: models.ModelSpec) -> tuple[dict, dict]:
+        if spec.name not in self._reference:
+            self._reference[spec.name] = self.evaluate(self.loaded(spec).model, spec)
+        return self._reference[spec.name]
+
+    def run(self, case: Case) -> CaseResult:
+        if case.id not in self._results:
+            self._results[case.id] = self._run(case)
+        return self._results[case.id]
+
+    def _run(self, case: Case) -> CaseResult:
+        reference, protocol = self.reference(case.model)
+        qmodel = copy.deepcopy(self.loaded(case.model).model)
+        t0 = time.perf_counter()
+        report = pipeline.quantize(qmodel, case.recipe, arch_of(qmodel))
+        t1 = time.perf_counter()
+        metrics, _ = self.evaluate(qmodel, case.model, reference=self.loaded(case.model).model)
+        t2 = time.perf_counter()
+        del qmodel
+        for name in [n for n in metrics if n.endswith(".ppl")]:
+            dataset = name.removesuffix(".ppl")
+            metrics[f"{dataset}.recovery"] = {"value": reference[name]["value"] / metrics[name]["value"]}
+        metrics["bits_per_weight"] = {"value": report.bits_per_weight}
+        payload = {
+            "case": case.id,
+            "recipe": case.recipe.to_dict(),
+            "model": {"name": case.model.name, "family": case.model.family, "kind": case.model.kind},
+            "metrics": metrics,
+            "reference": reference,
+            "size": {"model_bytes": report.model_bytes, "quantized_params": report.quantized_params},
+            "protocol": {
+                "device_class": self.settings.device_class,
+                "batch_size": self.settings.batch_size or "auto",
+                "evaluation": protocol,
+                "kld_windows": self.matrix.budget(self.settings.device.type, case.model.name).get("kld", 0),
+                **({"calibration": case.recipe.to_dict()["calibration"]} if _needs_calibration(case) else {}),
+            },
+            "environment": environment(),
+        }
+        return CaseResult(case, payload, t1 - t0, t2 - t1)
+
+
+def _needs_calibration(case: Case) -> bool:
+    from .mitigation import METHODS
+
+    return METHODS[case.recipe.method].needs_calibration or bool(case.recipe.transforms)
+
+
+def non_finite(metrics: dict) -> list[str]:
+    return [name for name, m in metrics.items() if not math.isfinite(m["value"])]
+
+
+def environment() -> dict:
+    import transformers
+
+    return {
+        "ptqsuite": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+    }
