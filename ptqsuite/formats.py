@@ -11,7 +11,9 @@ INT(b, symmetric) with a granularity (see granularity.py), following the GPTQ re
   not idempotent. RTN never emits ``-2^(b-1)``; error-feedback methods may.)
 
 Scales are rounded to their storage dtype (fp16) *before* encoding, so fake quantization computes exactly what a
-deployed kernel with fp16 scales computes. A group whose range is 0 (all zeros) gets scale 1: its codes decode
+deployed kernel with fp16 scales computes. They are rounded toward zero: a grid never wider than the range puts the
+range's extremes on the extreme codes (clipping them by at most ``qmax · 2^-10`` of a step), which makes
+quantization idempotent: refitting a quantized tensor recovers the same scale and zero point. A group whose range is 0 (all zeros) gets scale 1: its codes decode
 to the exact input. Rounding is round-half-to-even (torch.round).
 
 Effective bits per element count the codes plus the per-group metadata: a 16-bit scale, and for asymmetric
@@ -103,9 +105,12 @@ class IntFormat:
         return self.bits + meta * gran.num_groups(rows, cols) / (rows * cols)
 
     def _stored(self, scale: torch.Tensor) -> torch.Tensor:
-        # Round to the storage dtype, never to 0 or inf there (fp16 spans 6e-8 .. 65504).
+        """Round toward zero to the storage dtype, within its normal range (fp16: 6.1e-5 .. 65504)."""
         info = torch.finfo(self.scale_dtype)
-        return scale.clamp(info.tiny, info.max).to(self.scale_dtype).float()
+        scale = scale.clamp(info.tiny, info.max)
+        stored = scale.to(self.scale_dtype)
+        stored = torch.where(stored.float() > scale, torch.nextafter(stored, torch.zeros_like(stored)), stored)
+        return stored.float().clamp(min=info.tiny)
 
     def __str__(self) -> str:
         return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}"

@@ -149,7 +149,9 @@ def _settings(config: pytest.Config) -> Settings:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "ptq_case" in metafunc.fixturenames:
         cases = metafunc.config.stash[OPTIONS_KEY].matrix.cases
-        metafunc.parametrize("ptq_case", [pytest.param(c, id=c.id) for c in cases])
+        # One xdist group per model: with --dist loadgroup a model loads once, on one worker.
+        metafunc.parametrize("ptq_case", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.model.name))
+                                          for c in cases])
 
 
 @pytest.hookimpl(trylast=True)  # after syrupy has recorded what was collected
