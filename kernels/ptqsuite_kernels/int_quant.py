@@ -1,0 +1,109 @@
+"""INT fake quantization (quantize, then dequantize) per group of a row, in Triton, beside its torch reference.
+
+``kernel(x, bits, symmetric, group)`` equals ``reference(...)``, i.e. ``IntFormat(bits, symmetric).fake(x, gran)``
+with ``gran = PerGroup(group)``, or ``PerChannel()`` for ``group=None``, bit for bit. Every step is elementwise
+or an order-free min/max, so exactness is possible, but only with these choices, each checked by
+tests/kernels/test_int_quant.py:
+
+* Division is ``tl.math.div_rn`` (IEEE round-to-nearest): ``/`` on an NVIDIA GPU compiles to an approximate
+  division, off by an ulp on some inputs, which moves values that sit near a rounding boundary by one step.
+* Round-half-to-even is built from ``floor``: libdevice's ``rint`` is not available in the interpreter.
+* A bf16 output is rounded to nearest-even by hand: the interpreter truncates fp32 to bf16 (a GPU rounds).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ptqsuite.formats import IntFormat
+from ptqsuite.granularity import PerChannel, PerGroup
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TILE = 1024  # elements a program handles: whole groups, several of them when groups are small
+FP16 = torch.finfo(torch.float16)  # the scales' storage dtype (IntFormat.scale_dtype)
+
+
+@triton.jit
+def _round_half_even(v):
+    down = tl.math.floor(v)
+    frac = v - down  # exact in floating point
+    odd = tl.math.floor(down * 0.5) != down * 0.5
+    # Never -0.0 (-0.0 + 0.0 and -1.0 + 1.0 are +0.0): a zero code decodes to +0.0, as the reference's int codes do.
+    return down + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+
+
+# Sizes and code bounds are plain arguments, so that a GPU compiles one variant per tile shape, dtype and symmetry.
+@triton.jit(do_not_specialize=["cols", "group", "num_groups", "total_groups", "qmin", "qmax"])
+def _fake_int(x_ptr, out_ptr, cols, group, num_groups, total_groups, qmin, qmax,
+              SYMMETRIC: tl.constexpr, SCALE_MIN: tl.constexpr, SCALE_MAX: tl.constexpr,
+              GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: GROUPS consecutive groups of the row-major tensor as a [GROUPS, BLOCK] tile, a group a row.
+    index = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)[:, None]
+    lane = tl.arange(0, BLOCK)[None, :]
+    col = (index % num_groups) * group + lane
+    offset = (index // num_groups) * cols + col
+    # Off: lanes past the group, the tail group's missing part, groups past the tensor's last.
+    real = (lane < group) & (col < cols) & (index < total_groups)
+    # Padding with 0 leaves every statistic exact: absmax >= 0, and the asymmetric range always holds 0.
+    x = tl.load(x_ptr + offset, mask=real, other=0.0).to(tl.float32)
+    qmin = qmin.to(tl.float32)
+    qmax = qmax.to(tl.float32)
+
+    if SYMMETRIC:
+        scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), qmax)
+    else:
+        lo = tl.minimum(tl.min(x, axis=1), 0.0)
+        scale = tl.math.div_rn(tl.maximum(tl.max(x, axis=1), 0.0) - lo, qmax)
+    scale = tl.where(scale > 0, scale, 1.0)  # a zero range decodes exactly with any scale
+    # What gets stored: an fp16 scale rounded toward zero. Within fp16's normal range (the clamp) that is fp32
+    # with the 13 mantissa bits fp16 lacks cleared; plain bit arithmetic, the same in the interpreter and on a GPU.
+    scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX)
+    scale = ((scale.to(tl.int32, bitcast=True) >> 13) << 13).to(tl.float32, bitcast=True)
+
+    q = _round_half_even(tl.math.div_rn(x, scale[:, None]))
+    if SYMMETRIC:
+        zero = tl.zeros_like(scale)
+    else:
+        zero = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(-lo, scale)), 0.0), qmax)
+        q += zero[:, None]
+    q = tl.minimum(tl.maximum(q, qmin), qmax)
+    xq = scale[:, None] * (q - zero[:, None])
+
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = xq.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even at bf16's 16 high bits
+        tl.store(out_ptr + offset, bits.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=real)
+    else:
+        tl.store(out_ptr + offset, xq.to(out_ptr.dtype.element_ty), mask=real)
+
+
+def kernel(x: torch.Tensor, bits: int, symmetric: bool, group: int | None) -> torch.Tensor:
+    """Fake-quantize ``x[rows, cols]`` to INT(bits) per ``group`` elements of a row (None: the whole row)."""
+    fmt = IntFormat(bits, symmetric)
+    if group is not None:
+        PerGroup(group)  # validates the group size as the reference does
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"expected one of {DTYPES}, got {x.dtype}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rows, cols = x.shape
+    if x.numel() == 0:
+        return out
+    group = cols if group is None else group
+    num_groups = triton.cdiv(cols, group)
+    block = triton.next_power_of_2(min(group, cols))
+    total_groups = rows * num_groups
+    groups = max(1, TILE // block)
+    _fake_int[(triton.cdiv(total_groups, groups),)](
+        x, out, cols, group, num_groups, total_groups, fmt.qmin, fmt.qmax, SYMMETRIC=symmetric,
+        SCALE_MIN=FP16.tiny, SCALE_MAX=FP16.max, GROUPS=groups, BLOCK=block)
+    return out
+
+
+def reference(x: torch.Tensor, bits: int, symmetric: bool, group: int | None) -> torch.Tensor:
+    """The specification, computed on the CPU whatever ``x``'s device."""
+    gran = PerChannel() if group is None else PerGroup(group)
+    return IntFormat(bits, symmetric).fake(x.cpu(), gran).to(x.device)

@@ -1,0 +1,175 @@
+"""The Triton INT fake-quantization kernel reproduces its torch reference (ptqsuite.formats) bit for bit.
+
+Runs on CUDA when there is a device, else in Triton's CPU interpreter, which needs TRITON_INTERPRET=1 before the
+kernel module is imported (the root conftest sets it on machines without CUDA). Cases are generated, never
+skipped: option lists below, odd shapes, and value distributions chosen to reach every branch of the format
+(zero ranges, fp16 scale clamping at both ends, clipping, round-half ties). PTQSUITE_HYPOTHESIS_EXAMPLES sets
+the examples per test.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from ptqsuite.granularity import PerChannel, PerGroup, to_groups
+
+BITS = [2, 3, 4, 8]
+SYMMETRIC = [False, True]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GROUPS = [1, 7, 12, 32, 128, None]  # None: per-channel, one group per row
+COLS = [1, 2, 7, 12, 13, 31, 32, 33, 127, 128, 129, 255, 256, 300]  # multiples of the groups and off by one
+VALUES = ["normal", "outliers", "zeros", "constant", "ties"]
+MAGNITUDES = [1.0, 1e4, 1e-6]  # 1e-6: every scale clamps to fp16's tiny; 1e4 (x100 outliers): to its max
+EXAMPLES = int(os.environ.get("PTQSUITE_HYPOTHESIS_EXAMPLES", "150"))
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if importlib.util.find_spec("triton") is None:
+    NO_KERNEL = "triton is not installed (CPU machines: pip install 'ptqsuite[kernels]')"
+elif DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    NO_KERNEL = "no CUDA device, and TRITON_INTERPRET=1 was not set before the tests were imported"
+else:
+    NO_KERNEL = None
+    from ptqsuite_kernels.int_quant import kernel, reference
+# The interpreter's numpy warns where an fp16 output overflows to inf, as torch's cast does silently.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+needs_kernel = pytest.mark.skipif(NO_KERNEL is not None, reason=NO_KERNEL or "")
+hypothesis_settings = settings(max_examples=EXAMPLES, derandomize=True, deadline=None)
+
+
+@dataclass(frozen=True)
+class Case:
+    bits: int
+    symmetric: bool
+    dtype: torch.dtype
+    group: int | None
+    rows: int
+    cols: int
+    values: str
+    magnitude: float
+    seed: int
+
+    @property
+    def gran(self) -> PerGroup | PerChannel:
+        return PerChannel() if self.group is None else PerGroup(self.group)
+
+    def tensor(self) -> torch.Tensor:
+        """``x[rows, cols]`` on DEVICE: drawn in fp32 on the CPU, saturated to ``dtype``'s finite range."""
+        gen = torch.Generator().manual_seed(self.seed)
+        shape = (self.rows, self.cols)
+        if self.values == "normal":
+            x = torch.randn(shape, generator=gen)
+        elif self.values == "outliers":  # a few (at least one) x100 outliers, as in LLM activations
+            x = torch.randn(shape, generator=gen)
+            x[torch.rand(shape, generator=gen) < 0.02] *= 100
+            x.view(-1)[torch.randint(x.numel(), (1,), generator=gen)] *= 100
+        elif self.values == "zeros":
+            x = torch.zeros(shape)
+        elif self.values == "constant":
+            x = torch.randn(self.rows, 1, generator=gen).expand(shape)
+        else:
+            x = self._ties(shape, gen)
+        info = torch.finfo(self.dtype)
+        return (self.magnitude * x).clamp(info.min, info.max).to(self.dtype).to(DEVICE)
+
+    def _ties(self, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+        """Half steps ``k/2 · step`` with the range's ends planted, so that each group's fitted scale is exactly
+        ``step``: odd half steps are round-half ties. ``step`` is an fp16 value near the magnitude. A third of the values are nudged one fp32 ulp off the
+        tie: with ``step`` not a power of two, only a correctly rounded division puts them on the right side."""
+        if self.symmetric:
+            lo, hi = -(2 ** (self.bits - 1) - 1), 2 ** (self.bits - 1) - 1
+        else:
+            levels = 2**self.bits - 1
+            zero = int(torch.randint(1, levels, (1,), generator=gen))
+            lo, hi = -zero, levels - zero
+        x = torch.randint(2 * lo, 2 * hi + 1, shape, generator=gen) / 2
+        pick = torch.rand(shape, generator=gen)
+        x[pick < 0.2], x[pick > 0.8] = lo, hi
+        # fp32 holds any fp16 step's half steps; fp16 and bf16 inputs keep their ties only with a power of two.
+        mantissa = 1 + int(torch.randint(1024, (1,), generator=gen)) / 1024 if self.dtype == torch.float32 else 1
+        x *= mantissa * 2.0 ** round(math.log2(self.magnitude))  # exact: at most 9 + 11 significant bits
+        nudge = (pick >= 0.2) & (pick <= 0.8) & (torch.rand(shape, generator=gen) < 1 / 3)
+        away = torch.where(torch.rand(shape, generator=gen) < 0.5, -math.inf, math.inf)
+        return torch.where(nudge, torch.nextafter(x, away), x)
+
+
+def cases(dtypes: list[torch.dtype] = DTYPES) -> st.SearchStrategy[Case]:
+    return st.builds(
+        Case,
+        bits=st.sampled_from(BITS),
+        symmetric=st.sampled_from(SYMMETRIC),
+        dtype=st.sampled_from(dtypes),
+        group=st.sampled_from(GROUPS),
+        rows=st.integers(1, 9),
+        cols=st.integers(1, 300) | st.sampled_from(COLS),
+        values=st.sampled_from(VALUES),
+        magnitude=st.sampled_from(MAGNITUDES),
+        seed=st.integers(0, 2**32 - 1),
+    )
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # Compare bit patterns, not values: -0.0 == +0.0 would hide a sign flip in the zeros.
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    ints = {4: torch.int32, 2: torch.int16}[actual.element_size()]
+    differ = actual.cpu().view(ints) != expected.cpu().view(ints)
+    if differ.any():
+        where = differ.nonzero()[0].tolist()
+        pytest.fail(f"{int(differ.sum())} of {differ.numel()} elements differ, first at {where}: "
+                    f"{actual[tuple(where)].item()!r} != {expected[tuple(where)].item()!r}")
+
+
+@needs_kernel
+@hypothesis_settings
+@given(cases())
+def test_kernel_equals_reference_bitwise(case: Case):
+    x = case.tensor()
+    assert_bitwise_equal(kernel(x, case.bits, case.symmetric, case.group),
+                         reference(x, case.bits, case.symmetric, case.group))
+
+
+@needs_kernel
+@hypothesis_settings
+@given(cases(dtypes=[torch.float32]))
+def test_fake_quant_is_idempotent_in_fp32(case: Case):
+    # Only in fp32: rounding the decoded values to fp16 or bf16 moves them off the grid, and refitting them can
+    # give another scale (see the report's counterexamples).
+    once = kernel(case.tensor(), case.bits, case.symmetric, case.group)
+    assert_bitwise_equal(kernel(once, case.bits, case.symmetric, case.group), once)
+
+
+@needs_kernel
+@hypothesis_settings
+@given(cases())
+def test_at_most_2_pow_bits_values_per_group(case: Case):
+    out = kernel(case.tensor(), case.bits, case.symmetric, case.group)
+    groups = to_groups(out.cpu().float(), case.gran).sort(dim=-1).values
+    distinct = 1 + (groups[..., 1:] != groups[..., :-1]).sum(dim=-1)
+    assert distinct.max() <= 2**case.bits
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad, error", [
+    (dict(bits=9), ValueError),
+    (dict(group=0), ValueError),
+    (dict(x=torch.zeros(2, 3, 4)), ValueError),
+    (dict(x=torch.zeros(2, 3, dtype=torch.int8)), TypeError),
+])
+def test_kernel_rejects_what_the_reference_rejects(bad: dict, error: type[Exception]):
+    args = dict(x=torch.zeros(2, 3), bits=4, symmetric=True, group=2) | bad
+    with pytest.raises(error):
+        kernel(**args)
+
+
+def test_package_imports_without_triton():
+    # transformers may import our kernels while loading a model (FACTS.md): no Triton needed, no __version__.
+    code = "import sys; sys.modules['triton'] = None; import ptqsuite_kernels as k; assert not hasattr(k, '__version__')"
+    subprocess.run([sys.executable, "-c", code], check=True)
