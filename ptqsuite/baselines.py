@@ -140,6 +140,9 @@ class BaselineExtension(JSONSnapshotExtension):
         return str(cls.root / test_location.basename)
 
     def serialize(self, data, **kwargs) -> str:
+        bad = check_finite(data)
+        if bad:
+            raise ValueError(f"refusing to record non-finite metrics: {', '.join(bad)}")
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def read_snapshot_data_from_location(self, *, snapshot_location: str, snapshot_name: str, session_id: str):

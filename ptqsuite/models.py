@@ -145,7 +145,7 @@ def _hub_dir(spec: ModelSpec, sources: Sources) -> Path:
         looked.append(f"Hugging Face cache {constants.HF_HUB_CACHE} ({type(e).__name__})")
     raise WeightsMissing(
         f"{spec.name}: weights for {spec.hub_id} not found. Looked in: {'; '.join(looked)}. "
-        f"Provide them with `huggingface-cli download {spec.hub_id}` (into the HF cache), or put the model folder "
+        f"Provide them with `hf download {spec.hub_id}` (into the HF cache), or put the model folder "
         f"at $PTQSUITE_MODEL_DIR/{spec.name}, or run with --download-models."
     )
 
