@@ -80,7 +80,7 @@ def expected_ids(tier: str = "default", *, bits=(), models_=(), methods=(), keyw
 
 
 def setup_project(path: Path, matrix_text: str | None = None) -> None:
-    (path / "test_accuracy.py").write_text(MATRIX_TEST)
+    (path / "test_ptq_matrix.py").write_text(MATRIX_TEST)  # unique basename: tests/test_accuracy is imported in-process
     if matrix_text is not None:
         (path / "matrix.toml").write_text(matrix_text)
 
@@ -151,7 +151,7 @@ def failure_sections(result: pytest.RunResult) -> dict[str, str]:
 
 
 def baseline_file(baselines: Path, case: str) -> Path:
-    return baselines / DEVICE_CLASS / "test_accuracy" / f"test_accuracy[{case}].json"
+    return baselines / DEVICE_CLASS / "test_ptq_matrix" / f"test_accuracy[{case}].json"
 
 
 def files_under(baselines: Path) -> dict[str, bytes]:
