@@ -29,7 +29,7 @@ GROUPS = [1, 7, 12, 32, 128, None]  # None: per-channel, one group per row
 COLS = [1, 2, 7, 12, 13, 31, 32, 33, 127, 128, 129, 255, 256, 300]  # multiples of the groups and off by one
 VALUES = ["normal", "outliers", "zeros", "constant", "ties"]
 MAGNITUDES = [1.0, 1e4, 1e-6]  # 1e-6: every scale clamps to fp16's tiny; 1e4 (x100 outliers): to its max
-EXAMPLES = int(os.environ.get("PTQSUITE_HYPOTHESIS_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("PTQSUITE_HYPOTHESIS_EXAMPLES", "300"))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if importlib.util.find_spec("triton") is None:
@@ -82,8 +82,9 @@ class Case:
 
     def _ties(self, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
         """Half steps ``k/2 · step`` with the range's ends planted, so that each group's fitted scale is exactly
-        ``step``: odd half steps are round-half ties. ``step`` is an fp16 value near the magnitude. A third of the values are nudged one fp32 ulp off the
-        tie: with ``step`` not a power of two, only a correctly rounded division puts them on the right side."""
+        ``step``, an fp16 value near the magnitude: odd half steps are round-half ties. A third of the values are
+        nudged one fp32 ulp off: with ``step`` not a power of two, only a correctly rounded division then puts
+        them on the right side of the tie."""
         if self.symmetric:
             lo, hi = -(2 ** (self.bits - 1) - 1), 2 ** (self.bits - 1) - 1
         else:
@@ -101,11 +102,11 @@ class Case:
         return torch.where(nudge, torch.nextafter(x, away), x)
 
 
-def cases(dtypes: list[torch.dtype] = DTYPES) -> st.SearchStrategy[Case]:
+def cases(dtypes: list[torch.dtype] = DTYPES, symmetric: list[bool] = SYMMETRIC) -> st.SearchStrategy[Case]:
     return st.builds(
         Case,
         bits=st.sampled_from(BITS),
-        symmetric=st.sampled_from(SYMMETRIC),
+        symmetric=st.sampled_from(symmetric),
         dtype=st.sampled_from(dtypes),
         group=st.sampled_from(GROUPS),
         rows=st.integers(1, 9),
@@ -130,6 +131,10 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @needs_kernel
 @hypothesis_settings
 @given(cases())
+# Found against a kernel that multiplied by the reciprocal of the scale instead of dividing (what `/` risks on a
+# GPU): a value one ulp off a round-half tie lands on the wrong side.
+@example(Case(bits=3, symmetric=False, dtype=torch.float32, group=7, rows=1, cols=24, values="ties", magnitude=1.0,
+              seed=1))
 def test_kernel_equals_reference_bitwise(case: Case):
     x = case.tensor()
     assert_bitwise_equal(kernel(x, case.bits, case.symmetric, case.group),
@@ -138,10 +143,16 @@ def test_kernel_equals_reference_bitwise(case: Case):
 
 @needs_kernel
 @hypothesis_settings
-@given(cases(dtypes=[torch.float32]))
-def test_fake_quant_is_idempotent_in_fp32(case: Case):
-    # Only in fp32: rounding the decoded values to fp16 or bf16 moves them off the grid, and refitting them can
-    # give another scale (see the report's counterexamples).
+@given(cases(dtypes=[torch.float32], symmetric=[True]))
+# Asymmetric formats are not idempotent, though formats.py says they are: a zero point rounded down by (about)
+# half a step can leave the range's high end on a half step that rounds to even, one code below the top; refitting
+# the narrower range then gives a finer grid. Smallest case: int2-asym [[-0.5, 2.5]] decodes to [[0, 2]], which
+# refits to scale 2/3. Hypothesis found this one (row 3, first group):
+@example(Case(bits=4, symmetric=False, dtype=torch.float32, group=7, rows=6, cols=128, values="ties",
+              magnitude=1.0, seed=1)).xfail(reason="asymmetric refit on a double tie", raises=pytest.fail.Exception)
+def test_symmetric_fake_quant_is_idempotent_in_fp32(case: Case):
+    # Only in fp32: rounding the decoded values to fp16 or bf16 moves them off the grid, and refitting can then
+    # find another scale.
     once = kernel(case.tensor(), case.bits, case.symmetric, case.group)
     assert_bitwise_equal(kernel(once, case.bits, case.symmetric, case.group), once)
 
@@ -163,13 +174,14 @@ def test_at_most_2_pow_bits_values_per_group(case: Case):
     (dict(x=torch.zeros(2, 3, 4)), ValueError),
     (dict(x=torch.zeros(2, 3, dtype=torch.int8)), TypeError),
 ])
-def test_kernel_rejects_what_the_reference_rejects(bad: dict, error: type[Exception]):
+def test_kernel_rejects_bad_arguments(bad: dict, error: type[Exception]):
     args = dict(x=torch.zeros(2, 3), bits=4, symmetric=True, group=2) | bad
     with pytest.raises(error):
         kernel(**args)
 
 
 def test_package_imports_without_triton():
-    # transformers may import our kernels while loading a model (FACTS.md): no Triton needed, no __version__.
-    code = "import sys; sys.modules['triton'] = None; import ptqsuite_kernels as k; assert not hasattr(k, '__version__')"
+    # Triton is optional on CPU machines; no __version__, which transformers reads off modules it probes (README).
+    code = ("import sys; sys.modules['triton'] = None; import ptqsuite_kernels as k; "
+            "assert not hasattr(k, '__version__')")
     subprocess.run([sys.executable, "-c", code], check=True)
