@@ -12,8 +12,10 @@ INT(b, symmetric) with a granularity (see granularity.py), following the GPTQ re
 
 Scales are rounded to their storage dtype (fp16) *before* encoding, so fake quantization computes exactly what a
 deployed kernel with fp16 scales computes. They are rounded toward zero: a grid never wider than the range puts the
-range's extremes on the extreme codes (clipping them by at most ``qmax · 2^-10`` of a step), which makes
-quantization idempotent: refitting a quantized tensor recovers the same scale and zero point. A group whose range is 0 (all zeros) gets scale 1: its codes decode
+range's extremes on the extreme codes (clipping them by at most ``qmax · 2^-10`` of a step). Symmetric formats
+are then idempotent (refitting recovers the same scale). Asymmetric ones are too except at exact round-half ties
+of the zero point and the top code, e.g. int2 ``[[-0.5, 2.5]]`` → ``[[0, 2]]`` → ``[[0, 1.9995]]`` (kept as a
+strict xfail in tests/kernels/test_int_quant.py). A group whose range is 0 (all zeros) gets scale 1: its codes decode
 to the exact input. Rounding is round-half-to-even (torch.round).
 
 Effective bits per element count the codes plus the per-group metadata: a 16-bit scale, and for asymmetric
