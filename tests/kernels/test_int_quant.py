@@ -3,22 +3,21 @@
 Runs on CUDA when there is a device, else in Triton's CPU interpreter, which needs TRITON_INTERPRET=1 before the
 kernel module is imported (the root conftest sets it on machines without CUDA). Cases are generated, never
 skipped: option lists below, odd shapes, and value distributions chosen to reach every branch of the format
-(zero ranges, fp16 scale clamping at both ends, clipping, round-half ties). PTQSUITE_HYPOTHESIS_EXAMPLES sets
-the examples per test.
+(zero ranges, fp16 scale clamping at both ends, clipping, round-half ties). Example counts follow the
+hypothesis profile (kernel_testing.examples).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
+from kernel_testing import DEVICE, NO_KERNEL, assert_bitwise_equal, examples, needs_kernel
 
 from ptqsuite.granularity import PerChannel, PerGroup, to_groups
 
@@ -29,20 +28,12 @@ GROUPS = [1, 7, 12, 32, 128, None]  # None: per-channel, one group per row
 COLS = [1, 2, 7, 12, 13, 31, 32, 33, 127, 128, 129, 255, 256, 300]  # multiples of the groups and off by one
 VALUES = ["normal", "outliers", "zeros", "constant", "ties"]
 MAGNITUDES = [1.0, 1e4, 1e-6]  # 1e-6: every scale clamps to fp16's tiny; 1e4 (x100 outliers): to its max
-EXAMPLES = int(os.environ.get("PTQSUITE_HYPOTHESIS_EXAMPLES", "300"))
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if importlib.util.find_spec("triton") is None:
-    NO_KERNEL = "triton is not installed (CPU machines: pip install 'ptqsuite[kernels]')"
-elif DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    NO_KERNEL = "no CUDA device, and TRITON_INTERPRET=1 was not set before the tests were imported"
-else:
-    NO_KERNEL = None
+if NO_KERNEL is None:
     from ptqsuite_kernels.int_quant import kernel, reference
 # The interpreter's numpy warns where an fp16 output overflows to inf, as torch's cast does silently.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-needs_kernel = pytest.mark.skipif(NO_KERNEL is not None, reason=NO_KERNEL or "")
-hypothesis_settings = settings(max_examples=EXAMPLES, derandomize=True, deadline=None)
+hypothesis_settings = examples(300)
 
 
 @dataclass(frozen=True)
@@ -115,17 +106,6 @@ def cases(dtypes: list[torch.dtype] = DTYPES, symmetric: list[bool] = SYMMETRIC)
         magnitude=st.sampled_from(MAGNITUDES),
         seed=st.integers(0, 2**32 - 1),
     )
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    # Compare bit patterns, not values: -0.0 == +0.0 would hide a sign flip in the zeros.
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    ints = {4: torch.int32, 2: torch.int16}[actual.element_size()]
-    differ = actual.cpu().view(ints) != expected.cpu().view(ints)
-    if differ.any():
-        where = differ.nonzero()[0].tolist()
-        pytest.fail(f"{int(differ.sum())} of {differ.numel()} elements differ, first at {where}: "
-                    f"{actual[tuple(where)].item()!r} != {expected[tuple(where)].item()!r}")
 
 
 @needs_kernel

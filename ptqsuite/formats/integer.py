@@ -1,6 +1,4 @@
-"""Number formats: how quantized values are stored. The pure-torch code here is the specification for kernels.
-
-INT(b, symmetric) with a granularity (see granularity.py), following the GPTQ reference quantizer:
+"""Integer formats INT(b, symmetric) with a granularity (see granularity.py), following the GPTQ reference quantizer:
 
 * asymmetric: ``lo = min(min x, 0)``, ``hi = max(max x, 0)`` (the range always holds 0, so 0 is exact),
   ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)``, ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
@@ -28,24 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .granularity import Granularity, from_groups, to_groups
+from ..granularity import Granularity, to_groups
+from .qtensor import QTensor
 
 SCALE_BITS = 16
-
-
-@dataclass(frozen=True)
-class QTensor:
-    """Integer codes with their scales: ``codes[R, G, n]``, ``scale``/``zero`` ``[R, G, 1]``."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    shape: tuple[int, int]
-    fmt: "IntFormat"
-    gran: Granularity
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return from_groups(self.fmt.decode(self.codes, self.scale, self.zero), self.shape).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -88,9 +72,9 @@ class IntFormat:
             q = q + zero
         return q.clamp(self.qmin, self.qmax).to(torch.int16)
 
-    def decode(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-        q = codes.float()
-        return scale * (q - zero if zero is not None else q)
+    def decode(self, q: QTensor) -> torch.Tensor:
+        codes = q.codes.float()
+        return q.scale * (codes - q.zero if q.zero is not None else codes)
 
     def quantize(self, x: torch.Tensor, gran: Granularity) -> QTensor:
         g = to_groups(x, gran)
