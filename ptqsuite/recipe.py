@@ -1,23 +1,39 @@
 """A PTQ recipe: pre-quantization transforms × error mitigation × formats × calibration, with a readable id.
 
-Grammar of an id (it keys baselines, so ``parse(str(r)) == r`` always holds):
+Grammar of an id (it keys baselines, so ``parse(str(r)) == r`` always holds, and ``str`` prints the canonical form):
 
     recipe := [transform "+"]* method "-" weight ["@" calibration]
     weight := "w16"                         unquantized (the identity)
-            | "w" bits [ "g" n | "pt" ] ["sym"]
-                                            per-channel by default; g<n> per-group (tail groups allowed);
-                                            pt per-tensor; asymmetric unless "sym"
+            | "w" bits [gran] ["sym"]        INT, bits 2..8: per-channel and asymmetric unless said otherwise
+            | "w" float [gran] ("." option)*
+                                            a scaled float format (formats/scaled.py) from a preset:
+                                            fp8 (E4M3, fp32 scale, per channel), fp8e5m2, mxfp4 and mxfp8 (OCP MX:
+                                            E8M0 scale rounded down, blocks of 32), nvfp4 (E4M3 block scale + fp32
+                                            tensor scale, blocks of 16); options change the scale format (e8m0,
+                                            e4m3, fp16, fp32) or its rounding (floor, ceil, nearest)
+    gran := "g" n | "pt" | "pc"              groups of n along a row (tail groups allowed), per tensor, per channel
     calibration := dataset "." n "x" seqlen ".s" seed      e.g. @c4.128x2048.s0 (printed when not the default)
 
-Examples: ``rtn-w4g128``, ``rtn-w8sym``, ``rtn-w3``, ``rtn-w16``.
+Examples: ``rtn-w4g128``, ``rtn-w8sym``, ``rtn-w16``, ``rtn-wmxfp4``, ``rtn-wnvfp4``, ``rtn-wfp8pt``,
+``rtn-wmxfp4.ceil`` (shared exponent rounded up), ``rtn-wmxfp4g16.e4m3.nearest``.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from .formats import IntFormat
+from .formats import FP8, FP8_E5M2, MXFP4, MXFP8, NVFP4, FloatFormat, Format, IntFormat
+from .formats.minifloat import ROUNDINGS, SCALES
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor
+
+# Scaled float presets and the granularity each implies when the id names none.
+FLOAT_PRESETS: dict[str, tuple[FloatFormat, Granularity]] = {
+    "fp8": (FP8, PerChannel()),
+    "fp8e5m2": (FP8_E5M2, PerChannel()),
+    "mxfp4": (MXFP4, PerGroup(32)),
+    "mxfp8": (MXFP8, PerGroup(32)),
+    "nvfp4": (NVFP4, PerGroup(16)),
+}
 
 
 class RecipeError(ValueError):
@@ -28,7 +44,7 @@ class RecipeError(ValueError):
 class QuantSpec:
     """A format applied at a granularity. ``fmt is None`` means unquantized (16-bit, the identity)."""
 
-    fmt: IntFormat | None
+    fmt: Format | None
     gran: Granularity = PerChannel()
 
     @property
@@ -38,8 +54,39 @@ class QuantSpec:
     def __str__(self) -> str:
         if self.fmt is None:
             return "w16"
-        gran = f"g{self.gran.n}" if isinstance(self.gran, PerGroup) else "pt" if isinstance(self.gran, PerTensor) else ""
-        return f"w{self.fmt.bits}{gran}{'sym' if self.fmt.symmetric else ''}"
+        if isinstance(self.fmt, IntFormat):
+            return f"w{self.fmt.bits}{_gran_token(self.gran, PerChannel())}{'sym' if self.fmt.symmetric else ''}"
+        name = _preset_of(self.fmt)
+        preset, default_gran = FLOAT_PRESETS[name]
+        options = [str(self.fmt.scale)] if self.fmt.scale != preset.scale else []
+        options += [self.fmt.rounding] if self.fmt.rounding != preset.rounding else []
+        return f"w{name}{_gran_token(self.gran, default_gran)}" + "".join(f".{o}" for o in options)
+
+    def to_dict(self) -> dict | None:
+        if self.fmt is None:
+            return None
+        gran = {"granularity": str(self.gran)}
+        if isinstance(self.fmt, IntFormat):
+            return {"format": "int", "bits": self.fmt.bits, "symmetric": self.fmt.symmetric, **gran,
+                    "scale_dtype": str(self.fmt.scale_dtype).removeprefix("torch.")}
+        return {"format": "float", "element": str(self.fmt.element), "scale": str(self.fmt.scale),
+                "rounding": self.fmt.rounding, "tensor_scale": self.fmt.tensor_scale, **gran}
+
+
+def _gran_token(gran: Granularity, default: Granularity) -> str:
+    if gran == default:
+        return ""
+    return f"g{gran.n}" if isinstance(gran, PerGroup) else "pt" if isinstance(gran, PerTensor) else "pc"
+
+
+def _preset_of(fmt: FloatFormat) -> str:
+    """The preset an id names a float format by: same element and tensor scale, fewest options to print."""
+    candidates = [(int(p.scale != fmt.scale) + int(p.rounding != fmt.rounding), name)
+                  for name, (p, _) in FLOAT_PRESETS.items()
+                  if (p.element, p.tensor_scale) == (fmt.element, fmt.tensor_scale)]
+    if not candidates:
+        raise RecipeError(f"no preset for float format {fmt}; presets: {', '.join(FLOAT_PRESETS)}")
+    return min(candidates)[1]
 
 
 @dataclass(frozen=True)
@@ -66,15 +113,11 @@ class Recipe:
         return f"{head}-{self.weight}{calib}"
 
     def to_dict(self) -> dict:
-        fmt = self.weight.fmt
         return {
             "id": str(self),
             "method": self.method,
             "transforms": list(self.transforms),
-            "weight": None if fmt is None else {
-                "format": "int", "bits": fmt.bits, "symmetric": fmt.symmetric,
-                "granularity": str(self.weight.gran), "scale_dtype": str(fmt.scale_dtype).removeprefix("torch."),
-            },
+            "weight": self.weight.to_dict(),
             "calibration": asdict(self.calibration),
         }
 
@@ -86,7 +129,8 @@ class Recipe:
         return recipe
 
 
-_WEIGHT = re.compile(r"w(?P<bits>\d+)(?:g(?P<group>\d+)|(?P<pt>pt))?(?P<sym>sym)?")
+_WEIGHT = re.compile(r"w(?:(?P<bits>\d+)|(?P<float>[a-z]+\d[a-z0-9]*?))(?:g(?P<group>\d+)|(?P<pt>pt)|(?P<pc>pc))?"
+                     r"(?P<sym>sym)?(?P<options>(?:\.[a-z0-9]+)*)")
 _CALIB = re.compile(r"(?P<dataset>[a-z0-9]+)\.(?P<n>\d+)x(?P<seqlen>\d+)\.s(?P<seed>\d+)")
 WEIGHT_BITS = (*IntFormat.VALID_BITS, 16)
 
@@ -124,18 +168,46 @@ def _parse_weight(text: str, recipe_id: str) -> QuantSpec:
     m = _WEIGHT.fullmatch(text)
     if not m:
         raise RecipeError(
-            f"bad weight format {text!r} in recipe {recipe_id!r}; expected w<bits>[g<n>|pt][sym], "
-            f"bits one of {', '.join(map(str, WEIGHT_BITS))}, e.g. w4g128, w8sym, w3, w16"
+            f"bad weight format {text!r} in recipe {recipe_id!r}; expected w<bits>[g<n>|pt|pc][sym] with bits one "
+            f"of {', '.join(map(str, WEIGHT_BITS))}, or w<float>[g<n>|pt|pc][.<option>]* with float one of "
+            f"{', '.join(FLOAT_PRESETS)}; e.g. w4g128, w8sym, w16, wmxfp4, wnvfp4, wfp8pt, wmxfp4.ceil"
         )
+    if m["float"]:
+        return _parse_float(m, text, recipe_id)
+    if m["options"]:
+        raise RecipeError(f"INT weight format {text!r} in recipe {recipe_id!r} takes no options "
+                          f"({m['options']!r}); options belong to float formats: {', '.join(FLOAT_PRESETS)}")
     bits = int(m["bits"])
     if bits not in WEIGHT_BITS:
         raise RecipeError(f"weight bits {bits} in recipe {recipe_id!r} not supported; valid: {', '.join(map(str, WEIGHT_BITS))}")
     if bits == 16:
-        if m["group"] or m["pt"] or m["sym"]:
+        if m["group"] or m["pt"] or m["pc"] or m["sym"]:
             raise RecipeError(f"w16 is unquantized and takes no granularity or symmetry, got {text!r}")
         return QuantSpec(None)
-    gran = PerGroup(int(m["group"])) if m["group"] else PerTensor() if m["pt"] else PerChannel()
-    return QuantSpec(IntFormat(bits, symmetric=bool(m["sym"])), gran)
+    return QuantSpec(IntFormat(bits, symmetric=bool(m["sym"])), _gran(m, PerChannel()))
+
+
+def _parse_float(m: re.Match, text: str, recipe_id: str) -> QuantSpec:
+    if m["float"] not in FLOAT_PRESETS:
+        raise RecipeError(f"unknown float format {m['float']!r} in recipe {recipe_id!r}; "
+                          f"valid: {', '.join(FLOAT_PRESETS)}")
+    if m["sym"]:
+        raise RecipeError(f"float format {text!r} in recipe {recipe_id!r}: 'sym' is for INT formats (floats are "
+                          f"symmetric already)")
+    fmt, default_gran = FLOAT_PRESETS[m["float"]]
+    for option in filter(None, m["options"].split(".")):
+        if option in SCALES:
+            fmt = replace(fmt, scale=SCALES[option])
+        elif option in ROUNDINGS:
+            fmt = replace(fmt, rounding=option)
+        else:
+            raise RecipeError(f"unknown option {option!r} of {text!r} in recipe {recipe_id!r}; valid: scale formats "
+                              f"{', '.join(SCALES)}, roundings {', '.join(ROUNDINGS)}")
+    return QuantSpec(fmt, _gran(m, default_gran))
+
+
+def _gran(m: re.Match, default: Granularity) -> Granularity:
+    return PerGroup(int(m["group"])) if m["group"] else PerTensor() if m["pt"] else PerChannel() if m["pc"] else default
 
 
 def _parse_calibration(text: str, recipe_id: str) -> Calibration:

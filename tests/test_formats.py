@@ -24,7 +24,7 @@ def sample(shape, seed=0):
     return x
 
 
-@pytest.mark.parametrize("fmt,gran", cases())
+@pytest.mark.parametrize("fmt,gran", list(cases()))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_grid_and_idempotence(fmt, gran, shape):
     x = sample(shape)
@@ -36,7 +36,7 @@ def test_grid_and_idempotence(fmt, gran, shape):
     assert all(len(torch.unique(g)) <= 2**fmt.bits for g in groups.reshape(-1, groups.shape[-1]))
 
 
-@pytest.mark.parametrize("fmt,gran", cases())
+@pytest.mark.parametrize("fmt,gran", list(cases()))
 def test_error_within_half_step(fmt, gran):
     """RTN's error is at most half a grid step per element, plus the hair that rounding the scale toward zero in
     fp16 (relative 2^-10) can clip from the range's extremes: (qmax - qmin) · 2^-10 steps."""
@@ -46,7 +46,7 @@ def test_error_within_half_step(fmt, gran):
     assert ((q.dequantize() - x).abs() <= step * (0.5 + (fmt.qmax - fmt.qmin) * 2**-10)).all()
 
 
-@pytest.mark.parametrize("fmt,gran", cases())
+@pytest.mark.parametrize("fmt,gran", list(cases()))
 def test_zeros_exact_and_constants_stay_constant(fmt, gran):
     x = torch.zeros(3, 40)
     assert torch.equal(fmt.fake(x, gran), x), "an all-zero group must decode to exact zeros"
@@ -106,3 +106,19 @@ def test_bad_bits_name_the_valid_ones(bad):
 def test_bad_group_size():
     with pytest.raises(ValueError, match="positive integer"):
         PerGroup(0)
+
+
+@pytest.mark.parametrize("fmt,gran", list(cases()))
+def test_special_values(fmt, gran):
+    """NaN or ±inf poison their group (NaN scale); zeros decode to +0; fp32 subnormals decode to zeros."""
+    x = sample((4, 64), seed=6)
+    x[0, 3], x[1, 40], x[2, 5] = torch.nan, torch.inf, -torch.inf
+    x[3, :] = -0.0
+    x[3, :16] = 1e-42
+    q = fmt.quantize(x, gran)
+    bad = to_groups(~torch.isfinite(x), gran).any(-1, keepdim=True)
+    assert torch.equal(q.scale.isnan(), bad) and (q.codes[bad.expand_as(q.codes)] == 0).all()
+    y = q.dequantize()
+    assert torch.equal(y.isnan(), from_groups(bad.expand_as(q.codes), x.shape))
+    if not isinstance(gran, PerTensor):
+        assert torch.equal(y[3], torch.zeros(64)) and not torch.signbit(y[3]).any()

@@ -3,11 +3,16 @@ import json
 
 import pytest
 
-from ptqsuite.formats import IntFormat
+from dataclasses import replace
+
+from ptqsuite.formats import FP8, MXFP4, NVFP4, IntFormat
+from ptqsuite.formats.minifloat import E4M3
 from ptqsuite.granularity import PerChannel, PerGroup, PerTensor
 from ptqsuite.recipe import Calibration, QuantSpec, Recipe, RecipeError, parse
 
-IDS = ["rtn-w4g128", "rtn-w4g128sym", "rtn-w8", "rtn-w8pt", "rtn-w3sym", "rtn-w16", "rtn-w2g64@wikitext2.64x512.s3"]
+IDS = ["rtn-w4g128", "rtn-w4g128sym", "rtn-w8", "rtn-w8pt", "rtn-w3sym", "rtn-w16", "rtn-w2g64@wikitext2.64x512.s3",
+       "rtn-wfp8", "rtn-wfp8pt", "rtn-wfp8e5m2", "rtn-wmxfp4", "rtn-wmxfp8", "rtn-wnvfp4", "rtn-wmxfp4g16",
+       "rtn-wmxfp4.ceil", "rtn-wmxfp4.e4m3.nearest", "rtn-wnvfp4g32.fp16", "rtn-wmxfp8pc", "rtn-wfp8g128"]
 
 
 @pytest.mark.parametrize("recipe_id", IDS)
@@ -23,12 +28,30 @@ def test_parsed_fields():
     assert parse("rtn-w8pt").weight.gran == PerTensor()
     assert parse("rtn-w16").weight.fmt is None and parse("rtn-w16").weight.bits == 16
     assert parse("rtn-w4@ptb.16x256.s1").calibration == Calibration("ptb", 16, 256, 1)
+    assert parse("rtn-wmxfp4").weight == QuantSpec(MXFP4, PerGroup(32))
+    assert parse("rtn-wnvfp4").weight == QuantSpec(NVFP4, PerGroup(16))
+    assert parse("rtn-wfp8pt").weight == QuantSpec(FP8, PerTensor())
+    assert parse("rtn-wmxfp4g64.e4m3.ceil").weight == QuantSpec(replace(MXFP4, scale=E4M3, rounding="ceil"),
+                                                               PerGroup(64))
+    assert parse("rtn-wmxfp4").weight.bits == 4 and parse("rtn-wfp8").weight.bits == 8
+
+
+@pytest.mark.parametrize("redundant,canonical", [
+    ("rtn-w4pc", "rtn-w4"), ("rtn-wmxfp4g32", "rtn-wmxfp4"), ("rtn-wmxfp4.e8m0.floor", "rtn-wmxfp4"),
+    ("rtn-wfp8.e8m0.floor", "rtn-wmxfp8pc"), ("rtn-wnvfp4.e4m3", "rtn-wnvfp4"),
+])
+def test_equivalent_ids_print_one_canonical_form(redundant, canonical):
+    assert str(parse(redundant)) == canonical and parse(canonical) == parse(redundant)
 
 
 @pytest.mark.parametrize("bad,message", [
     ("gptqq-w4", r"unknown method 'gptqq'.*known methods: rtn"),
     ("quarot+rtn-w4", r"unknown transform 'quarot'"),
-    ("rtn-w5x", r"bad weight format 'w5x'.*bits one of 2, 3, 4, 5, 6, 7, 8, 16"),
+    ("rtn-w5x", r"bad weight format 'w5x'.*bits one of 2, 3, 4, 5, 6, 7, 8, 16.*fp8, fp8e5m2, mxfp4"),
+    ("rtn-wfp4", r"unknown float format 'fp4'.*valid: fp8, fp8e5m2, mxfp4, mxfp8, nvfp4"),
+    ("rtn-wmxfp4sym", r"'sym' is for INT formats"),
+    ("rtn-wmxfp4.up", r"unknown option 'up'.*e8m0, e4m3, fp16, fp32.*nearest, floor, ceil"),
+    ("rtn-w4.ceil", r"takes no options"),
     ("rtn-w9", r"weight bits 9 .* valid: 2, 3, 4, 5, 6, 7, 8, 16"),
     ("rtn-w16g128", r"w16 is unquantized"),
     ("rtn", r"no weight format"),

@@ -1,7 +1,7 @@
 """INT fake quantization (quantize, then dequantize) per group of a row, in Triton, beside its torch reference.
 
 ``kernel(x, bits, symmetric, group)`` equals ``reference(...)``, i.e. ``IntFormat(bits, symmetric).fake(x, gran)``
-with ``gran = PerGroup(group)``, or ``PerChannel()`` for ``group=None``, bit for bit (for finite ``x``). Every
+with ``gran = PerGroup(group)``, or ``PerChannel()`` for ``group=None``, bit for bit (NaN results compared as NaN: their payload is not specified). Every
 step is elementwise or an order-free min/max, so exactness is possible, but only with these choices, each checked
 by tests/kernels/test_int_quant.py:
 
@@ -60,6 +60,9 @@ def _fake_int(x_ptr, out_ptr, cols, group, num_groups, total_groups, qmin, qmax,
     # with the 13 mantissa bits fp16 lacks cleared; plain bit arithmetic, the same in the interpreter and on a GPU.
     scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX)
     scale = ((scale.to(tl.int32, bitcast=True) >> 13) << 13).to(tl.float32, bitcast=True)
+    # NaN or ±inf anywhere in a group: a NaN scale, so the whole group decodes to NaN (the spec's rule).
+    nonfinite = real & ((x != x) | (tl.abs(x) == float("inf")))
+    scale = tl.where(tl.max(nonfinite.to(tl.int32), axis=1) > 0, float("nan"), scale)
 
     q = _round_half_even(tl.math.div_rn(x, scale[:, None]))
     if SYMMETRIC:

@@ -16,6 +16,10 @@ of the zero point and the top code, e.g. int2 ``[[-0.5, 2.5]]`` → ``[[0, 2]]``
 strict xfail in tests/kernels/test_int_quant.py). A group whose range is 0 (all zeros) gets scale 1: its codes decode
 to the exact input. Rounding is round-half-to-even (torch.round).
 
+Special values: a group holding NaN or ±inf gets a NaN scale (codes 0), so the whole group decodes to NaN, as in
+the scaled float formats; zeros decode to +0.0 (integer codes have no sign); subnormal inputs are ordinary values
+(a group of them has its scale clamped to fp16's smallest normal, 6.1e-5, and decodes to zeros).
+
 Effective bits per element count the codes plus the per-group metadata: a 16-bit scale, and for asymmetric
 formats a ``b``-bit zero point (packed integer zeros, as GPTQ and AWQ store them):
 ``b + (16 + [asym]·b) / group_elements``.
@@ -61,16 +65,18 @@ class IntFormat:
             lo = g.amin(-1, keepdim=True).clamp(max=0)
             hi = g.amax(-1, keepdim=True).clamp(min=0)
             scale = (hi - lo) / (2**self.bits - 1)
+        finite = torch.isfinite(g).all(-1, keepdim=True)
         scale = self._stored(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        scale = torch.where(finite, scale, torch.nan)  # NaN or ±inf in a group: the whole group decodes to NaN
         if not self.symmetric:
-            zero = torch.round(-lo / scale).clamp(0, self.qmax)
+            zero = torch.round(-lo / scale).clamp(0, self.qmax).nan_to_num(0.0)
         return scale, zero
 
     def encode(self, g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         q = torch.round(g.float() / scale)
         if zero is not None:
             q = q + zero
-        return q.clamp(self.qmin, self.qmax).to(torch.int16)
+        return q.clamp(self.qmin, self.qmax).nan_to_num(0.0).to(torch.int16)
 
     def decode(self, q: QTensor) -> torch.Tensor:
         codes = q.codes.float()

@@ -148,6 +148,22 @@ def test_at_most_2_pow_bits_values_per_group(case: Case):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", SYMMETRIC)
+@pytest.mark.parametrize("group", [7, None])
+def test_special_values_follow_the_reference(dtype, symmetric, group):
+    """NaN and ±inf poison their group (NaN), zeros and subnormals are ordinary values; elsewhere bitwise equal."""
+    x = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[0, 2], x[1, 20], x[2, 9] = torch.nan, torch.inf, -torch.inf
+    x[3, :10] = torch.finfo(dtype).tiny / 4  # subnormal
+    x[3, 10:12] = -0.0
+    x = x.to(DEVICE)
+    out, ref = kernel(x, 4, symmetric, group), reference(x, 4, symmetric, group)
+    assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
+    assert_bitwise_equal(out.nan_to_num(0.0), ref.nan_to_num(0.0))
+
+
+@needs_kernel
 @pytest.mark.parametrize("bad, error", [
     (dict(bits=9), ValueError),
     (dict(group=0), ValueError),
