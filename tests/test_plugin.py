@@ -28,7 +28,7 @@ import torch
 
 from ptqsuite import matrix as ptq_matrix
 from ptqsuite import models
-from ptqsuite.recipe import known_methods, known_transforms
+from ptqsuite.recipe import known_methods, known_transforms, parse
 
 pytest_plugins = ["pytester"]
 
@@ -243,8 +243,9 @@ recipes = ["rtn-w4g128", "rtn-w8pt", "rtn-w3g32sym"]
     # and the shipped matrix follows the same grammar throughout
     shipped, _ = collect(pytester, "--tier", "full")
     names = "|".join(re.escape(n) for n in models.registry())
-    bad = [i for i in shipped if not re.fullmatch(rf"[a-z0-9]+(\+[a-z0-9]+)*-w\d+(g\d+|pt)?(sym)?(@\S+)?-({names})", i)]
-    assert shipped and not bad
+    split = [re.fullmatch(rf"(.+)-({names})", i) for i in shipped]
+    bad = [i for i, m in zip(shipped, split) if not m or str(parse(m[1])) != m[1]]
+    assert shipped and not bad, "every id is a canonical recipe id, then a registered model"
 
 
 # --- 2. usage errors (in-process) ---------------------------------------------------------------------------------
