@@ -8,7 +8,7 @@ One module per family, each a frozen dataclass with the same interface: ``quanti
 * minifloat.py: the element and scale encodings (E4M3, E5M2, E2M1, E8M0, fp16/fp32 scales): rounding, bits.
 * scaled.py: minifloat elements with a shared scale: FP8 (per tensor/channel/token), MXFP4/MXFP8 (OCP MX v1.0),
   NVFP4, and the variants of arXiv 2507.17417 (block size, scale format, scale rounding).
-* packing.py: the storage layout of INT codes in 32-bit words.
+* packing.py: the storage layout of INT codes in 32-bit words (``PackedInt``, what the INT GEMM kernels read).
 """
 from .integer import IntFormat
 from .qtensor import QTensor

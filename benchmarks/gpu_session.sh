@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One batched GPU session on a machine with CUDA, torch and Triton but no package registry (the lent H200):
+#   bash benchmarks/gpu_session.sh tests|bench|accuracy OUTDIR
+# tests:    every kernel and format property test under the GPU hypothesis profile (20x the CI examples, random)
+# bench:    every benchmarks/bench_*.py, one Markdown table each
+# accuracy: the full tier for the models that travel (stories260k, llama3-tiny-random) on cuda, recording baselines
+# Wheels the machine lacks (syrupy) travel in .whl/ and are installed to a private target.
+set -u
+what=$1; out=$2; mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
+export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels
+pytest() { python -m pytest -p ptqsuite.plugin -p no:cacheprovider "$@"; }
+case $what in
+  tests)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
+    python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$out/gpu.txt"
+    timeout 540 pytest -q tests/kernels tests/test_float_formats.py tests/test_formats.py tests/test_packing.py \
+      tests/test_hadamard_reference.py --hypothesis-profile ptqsuite-gpu \
+      --durations=15 > "$out/kernel-tests.txt" 2>&1; echo "exit $?" >> "$out/kernel-tests.txt" ;;
+  bench)
+    for b in benchmarks/bench_*.py; do
+      timeout 170 python "$b" > "$out/$(basename "$b" .py).md" 2>&1; echo "exit $?" >> "$out/$(basename "$b" .py).md"
+    done ;;
+  accuracy)
+    timeout 540 pytest -q tests/test_accuracy.py --tier full --models stories260k,llama3-tiny-random --device cuda \
+      --snapshot-update --durations=50 > "$out/accuracy.txt" 2>&1; echo "exit $?" >> "$out/accuracy.txt"
+    tar czf "$out/baselines.tgz" baselines/cuda-* ;;
+  *) echo "unknown step $what; valid: tests, bench, accuracy"; exit 2 ;;
+esac
