@@ -2,7 +2,8 @@
 
 * ``backend="fake"``: ``F.linear(x, q.dequantize(x.dtype), bias)``, what accuracy cases evaluate.
 * ``backend="packed"``: the weight packed for a GEMM kernel of its format family (``PACKED``), e.g. INT weights as
-  int32 words (ptqsuite/formats/packing.py) through ptqsuite_kernels.int_gemm, bias added in its fp32 epilogue.
+  int32 words (ptqsuite/formats/packing.py) through ptqsuite_kernels.int_gemm, bias added in its fp32 epilogue;
+  MXFP4/NVFP4 weights as E2M1 nibbles with block-scale codes through ptqsuite_kernels.fp4_gemm.
 
 Both multiply ``x`` by the same ``Ŵ`` in ``x``'s dtype with fp32 accumulation, so they agree within the GEMM's
 derived accumulation bound (ptqsuite_kernels.int_gemm.error_bound). Importing this module never imports Triton:
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .formats import IntFormat, QTensor
+from .formats import FloatFormat, IntFormat, QTensor
 from .formats.packing import pack_qtensor
 from .granularity import Granularity
 
@@ -40,8 +41,19 @@ def _int_gemm() -> Callable[..., torch.Tensor]:
     return kernel
 
 
-# Keyed by format class: another family (e.g. MXFP4, NVFP4) registers its packing and GEMM here.
-PACKED: dict[type, PackedBackend] = {IntFormat: PackedBackend(pack_qtensor, _int_gemm)}
+def _fp4_pack(q: QTensor) -> Any:
+    from ptqsuite_kernels.fp4_gemm import pack_weight
+    return pack_weight(q)
+
+
+def _fp4_gemm() -> Callable[..., torch.Tensor]:
+    from ptqsuite_kernels.fp4_gemm import linear
+    return linear
+
+
+# Keyed by format class. FloatFormat: E2M1 weights with E8M0 or E4M3 block scales (MXFP4, NVFP4 and variants).
+PACKED: dict[type, PackedBackend] = {IntFormat: PackedBackend(pack_qtensor, _int_gemm),
+                                     FloatFormat: PackedBackend(_fp4_pack, _fp4_gemm)}
 
 
 def _to_device(packed: Any, device: torch.device) -> Any:

@@ -46,7 +46,7 @@ def _int8_gemm(xq_ptr, xs_ptr, wq_ptr, ws_ptr, y_ptr, M, N, K, stride_xm, stride
                     mask=rows[:, None] & (k[None, :] < K), other=0)
         w = tl.load(wq_ptr + offs_n[None, :].to(tl.int64) * stride_wn + k[:, None],
                     mask=cols[None, :] & (k[:, None] < K), other=0)
-        acc = tl.dot(x, w, acc)  # int8 x int8 -> int32, exact
+        acc = tl.dot(x, w, acc, out_dtype=tl.int32)  # int8 x int8 -> int32, exact (triton 3.6 needs the dtype said)
 
     x_scale = tl.load(xs_ptr + offs_m, mask=rows, other=0.0)
     w_scale = tl.load(ws_ptr + offs_n, mask=cols, other=0.0)

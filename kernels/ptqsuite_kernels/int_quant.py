@@ -8,7 +8,7 @@ by tests/kernels/test_int_quant.py:
 * Division is ``tl.math.div_rn`` (IEEE round-to-nearest): ``/`` on an NVIDIA GPU is an approximate division,
   which moves values within an ulp of a round-half tie by a step (1.5% of the test's near-tie data on an H200).
 * Round-half-to-even is built from ``floor``: libdevice's ``rint`` is not available in the interpreter.
-* A bf16 output is rounded to nearest-even by hand: the interpreter truncates fp32 to bf16 (a GPU rounds).
+* A bf16 output is rounded to nearest-even by hand (rounding.cast_rne): the interpreter truncates fp32 to bf16.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import triton.language as tl
 
 from ptqsuite.formats import IntFormat
 from ptqsuite.granularity import PerChannel, PerGroup
+
+from .rounding import cast_rne
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE = 1024  # elements a program handles: whole groups, several of them when groups are small
@@ -61,7 +63,8 @@ def _fake_int(x_ptr, out_ptr, cols, group, num_groups, total_groups, qmin, qmax,
     scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX)
     scale = ((scale.to(tl.int32, bitcast=True) >> 13) << 13).to(tl.float32, bitcast=True)
     # NaN or ±inf anywhere in a group: a NaN scale, so the whole group decodes to NaN (the spec's rule).
-    nonfinite = real & ((x != x) | (tl.abs(x) == float("inf")))
+    # Tested on the exponent bits: a GPU compiles `x != x` and NaN-aware max/min as if NaN never occurred.
+    nonfinite = real & ((x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000)
     scale = tl.where(tl.max(nonfinite.to(tl.int32), axis=1) > 0, float("nan"), scale)
 
     q = _round_half_even(tl.math.div_rn(x, scale[:, None]))
@@ -73,12 +76,7 @@ def _fake_int(x_ptr, out_ptr, cols, group, num_groups, total_groups, qmin, qmax,
     q = tl.minimum(tl.maximum(q, qmin), qmax)
     xq = scale[:, None] * (q - zero[:, None])
 
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        bits = xq.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even at bf16's 16 high bits
-        tl.store(out_ptr + offset, bits.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=real)
-    else:
-        tl.store(out_ptr + offset, xq.to(out_ptr.dtype.element_ty), mask=real)
+    tl.store(out_ptr + offset, cast_rne(xq, out_ptr.dtype.element_ty), mask=real)
 
 
 def kernel(x: torch.Tensor, bits: int, symmetric: bool, group: int | None) -> torch.Tensor:

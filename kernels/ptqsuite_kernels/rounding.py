@@ -31,7 +31,9 @@ def cast_rne(v, dtype: tl.constexpr):
     result is then exact wherever it runs."""
     if dtype == tl.bfloat16:
         bits = v.to(tl.int32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        # NaN stays a quiet NaN: a GPU's canonical NaN 0x7FFFFFFF would overflow into -0.0 above (seen on an H200).
+        rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC00000, rounded)
+        return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return v.to(dtype)
