@@ -9,12 +9,12 @@ set -u
 what=$1; out=$2; mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
 export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels
-pytest() { python -m pytest -p ptqsuite.plugin -p no:cacheprovider "$@"; }
+pytest="python -m pytest -p ptqsuite.plugin -p no:cacheprovider"  # a variable, not a function: `timeout` runs it
 case $what in
   tests)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
     python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$out/gpu.txt"
-    timeout 540 pytest -q tests/kernels tests/test_float_formats.py tests/test_formats.py tests/test_packing.py \
+    timeout 540 $pytest -q tests/kernels tests/test_float_formats.py tests/test_formats.py tests/test_packing.py \
       tests/test_hadamard_reference.py --hypothesis-profile ptqsuite-gpu \
       --durations=15 > "$out/kernel-tests.txt" 2>&1; echo "exit $?" >> "$out/kernel-tests.txt" ;;
   bench)
@@ -22,7 +22,7 @@ case $what in
       timeout 170 python "$b" > "$out/$(basename "$b" .py).md" 2>&1; echo "exit $?" >> "$out/$(basename "$b" .py).md"
     done ;;
   accuracy)
-    timeout 540 pytest -q tests/test_accuracy.py --tier full --models stories260k,llama3-tiny-random --device cuda \
+    timeout 540 $pytest -q tests/test_accuracy.py --tier full --models stories260k,llama3-tiny-random --device cuda \
       --snapshot-update --durations=50 > "$out/accuracy.txt" 2>&1; echo "exit $?" >> "$out/accuracy.txt"
     tar czf "$out/baselines.tgz" baselines/cuda-* ;;
   *) echo "unknown step $what; valid: tests, bench, accuracy"; exit 2 ;;
