@@ -41,6 +41,7 @@ from ptqsuite.granularity import PerGroup, from_groups
 from ptqsuite_kernels.int_gemm import ACC_UNIT, F64_UNIT
 from ptqsuite_kernels.minifloat_jit import NAN, Grid, decode, mul_fp32, pow2_bits, to_fp32
 from ptqsuite_kernels.rounding import cast_rne, upcast_dot
+from ptqsuite_kernels.tiles import split_k_range, tile_offsets
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_K = 128
@@ -141,21 +142,12 @@ def _fp4_gemm(x_ptr, w_ptr, s_ptr, gs_ptr, b_ptr, y_ptr, M, N, K, stride_xm, row
               S_EMIN: tl.constexpr, S_NAN: tl.constexpr, TENSOR: tl.constexpr, HAS_BIAS: tl.constexpr,
               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               GROUP_M: tl.constexpr):
-    # Launch order: bands of GROUP_M row tiles, column tile by column tile (L2 reuse of weight and x tiles).
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    band = pid // (GROUP_M * tiles_n)
-    first_m = band * GROUP_M
-    band_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % band_m
-    pid_n = (pid % (GROUP_M * tiles_n)) // band_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_ty = x_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_tiles_per_split * BLOCK_K
-    k_end = min(K, k_start + k_tiles_per_split * BLOCK_K)
+    k_start, k_end = split_k_range(pid_k, k_tiles_per_split, K, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + k[None, :],

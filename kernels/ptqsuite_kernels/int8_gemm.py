@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ptqsuite_kernels.rounding import cast_rne
+from ptqsuite_kernels.tiles import tile_offsets
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 2**17  # |acc| ≤ K · 2^14 stays below 2^31
@@ -28,15 +29,7 @@ GROUP_M = 8  # row tiles per band of the launch order (L2 reuse)
 @triton.jit(do_not_specialize=["M", "N"])  # row counts only bound masks across rows: fewer compiled variants
 def _int8_gemm(xq_ptr, xs_ptr, wq_ptr, ws_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    band = pid // (GROUP_M * tiles_n)
-    first_m = band * GROUP_M
-    band_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % band_m
-    pid_n = (pid % (GROUP_M * tiles_n)) // band_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows, cols = offs_m < M, offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
