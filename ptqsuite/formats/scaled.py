@@ -9,7 +9,9 @@ For a group ``g`` with ``amax = max|g|`` and element format ``E`` (largest value
 ``2^E.emax``):
 
 * tensor scale (NVFP4 only): ``S = T / (E.max · scale.max)`` in fp32 over the finite groups' maximum ``T``
-  (``S = 1`` if ``T = 0``), so the largest block scale lands on the scale format's maximum; else ``S = 1``;
+  (``S = 1`` if ``T = 0``), so the largest block scale lands on the scale format's maximum; else ``S = 1``.
+  With a tensor scale and an E8M0 or FP32 block scale (not a preset) ``E.max · scale.max`` overflows fp32, ``S``
+  is 0 and falls back to 1: such variants have no working second level (the kernels reproduce this);
 * block scale ``s``, rounded into the scale format by the rule:
 
   ===========  =================================================  ===========================================

@@ -70,3 +70,15 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
         where = differ.nonzero()[0].tolist()
         pytest.fail(f"{int(differ.sum())} of {differ.numel()} elements differ, first at {where}: "
                     f"{actual[tuple(where)].item()!r} != {expected[tuple(where)].item()!r}")
+
+
+def assert_within_bound(y: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> None:
+    """``y`` within ``bound`` of the float64 ``exact`` result, plus half an ulp of ``y``'s dtype (the GEMM kernels'
+    derived tolerance, ptqsuite_kernels.int_gemm.within), with the first violation shown."""
+    from ptqsuite_kernels.int_gemm import within
+
+    ok = within(y, exact, bound)
+    if not ok.all():
+        i, j = (~ok).nonzero()[0].tolist()
+        pytest.fail(f"{int((~ok).sum())} of {ok.numel()} outside the bound, first at [{i}, {j}]: "
+                    f"{y[i, j].item()!r} vs exact {exact[i, j].item()!r}, bound {bound[i, j].item():.3g} + half ulp")

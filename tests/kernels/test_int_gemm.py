@@ -21,6 +21,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from kernel_testing import (DEVICE, MAGNITUDES, NO_KERNEL, VALUES, assert_bitwise_equal, examples, needs_kernel,
                             values)
+from kernel_testing import assert_within_bound as assert_close_to_exact
 
 from ptqsuite.formats import IntFormat
 from ptqsuite.formats.packing import PackedInt, pack_qtensor
@@ -90,12 +91,7 @@ def cases(w_magnitudes: list[float] = W_MAGNITUDES) -> st.SearchStrategy[Case]:
 
 def assert_within_bound(y: torch.Tensor, x: torch.Tensor, w: PackedInt, bias: torch.Tensor | None) -> None:
     assert y.dtype == x.dtype and y.shape == (x.shape[0], w.shape[0])
-    y64, bound = exact(x, w, bias), error_bound(x, w, bias)
-    ok = within(y, y64, bound)
-    if not ok.all():
-        i, j = (~ok).nonzero()[0].tolist()
-        pytest.fail(f"{int((~ok).sum())} of {ok.numel()} outside the bound, first at [{i}, {j}]: "
-                    f"{y[i, j].item()!r} vs exact {y64[i, j].item()!r}, bound {bound[i, j].item():.3g} + half ulp")
+    assert_close_to_exact(y, exact(x, w, bias), error_bound(x, w, bias))
 
 
 @needs_kernel
