@@ -82,3 +82,22 @@ def assert_within_bound(y: torch.Tensor, exact: torch.Tensor, bound: torch.Tenso
         i, j = (~ok).nonzero()[0].tolist()
         pytest.fail(f"{int((~ok).sum())} of {ok.numel()} outside the bound, first at [{i}, {j}]: "
                     f"{y[i, j].item()!r} vs exact {exact[i, j].item()!r}, bound {bound[i, j].item():.3g} + half ulp")
+
+
+def gemm_operands(rows: list[int], outs: list[int], cols: list[int], x_magnitudes: list[float],
+                  w_magnitudes: list[float]) -> dict:
+    """Strategies for the fields every packed-GEMM test case shares: sizes (any small size or a listed odd one),
+    value distributions and magnitudes of x and W, a bias or not, and the seed."""
+    from hypothesis import strategies as st
+
+    return dict(
+        m=st.sampled_from(rows),
+        n=st.integers(1, 80) | st.sampled_from(outs),
+        k=st.integers(1, 320) | st.sampled_from(cols),
+        x_values=st.sampled_from(VALUES),
+        x_magnitude=st.sampled_from(x_magnitudes),
+        w_values=st.sampled_from(VALUES),
+        w_magnitude=st.sampled_from(w_magnitudes),
+        bias=st.booleans(),
+        seed=st.integers(0, 2**32 - 1),
+    )

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
-from kernel_testing import (DEVICE, MAGNITUDES, NO_KERNEL, VALUES, assert_bitwise_equal, examples, needs_kernel,
+from kernel_testing import (DEVICE, MAGNITUDES, NO_KERNEL, assert_bitwise_equal, examples, needs_kernel,
                             values)
 from kernel_testing import assert_within_bound as assert_close_to_exact
+from kernel_testing import gemm_operands
 
 from ptqsuite.formats import FP8, MXFP4, NVFP4, FloatFormat
 from ptqsuite.formats.minifloat import E4M3
@@ -92,15 +93,7 @@ def cases(w_magnitudes: list[float] = W_MAGNITUDES, x_magnitudes: list[float] = 
         Case,
         fmt=st.sampled_from(list(FORMATS)),
         dtype=st.sampled_from(DTYPES),
-        m=st.sampled_from(ROWS),
-        n=st.integers(1, 80) | st.sampled_from(OUTS),
-        k=st.integers(1, 320) | st.sampled_from(COLS),
-        x_values=st.sampled_from(VALUES),
-        x_magnitude=st.sampled_from(x_magnitudes),
-        w_values=st.sampled_from(VALUES),
-        w_magnitude=st.sampled_from(w_magnitudes),
-        bias=st.booleans(),
-        seed=st.integers(0, 2**32 - 1),
+        **gemm_operands(ROWS, OUTS, COLS, x_magnitudes, w_magnitudes),
     )
 
 

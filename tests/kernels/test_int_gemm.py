@@ -19,9 +19,10 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from kernel_testing import (DEVICE, MAGNITUDES, NO_KERNEL, VALUES, assert_bitwise_equal, examples, needs_kernel,
+from kernel_testing import (DEVICE, MAGNITUDES, NO_KERNEL, assert_bitwise_equal, examples, needs_kernel,
                             values)
 from kernel_testing import assert_within_bound as assert_close_to_exact
+from kernel_testing import gemm_operands
 
 from ptqsuite.formats import IntFormat
 from ptqsuite.formats.packing import PackedInt, pack_qtensor
@@ -77,15 +78,7 @@ def cases(w_magnitudes: list[float] = W_MAGNITUDES) -> st.SearchStrategy[Case]:
         symmetric=st.sampled_from(SYMMETRIC),
         dtype=st.sampled_from(DTYPES),
         group=st.sampled_from(GROUPS),
-        m=st.sampled_from(ROWS),
-        n=st.integers(1, 80) | st.sampled_from(OUTS),
-        k=st.integers(1, 320) | st.sampled_from(COLS),
-        x_values=st.sampled_from(VALUES),
-        x_magnitude=st.sampled_from(MAGNITUDES),
-        w_values=st.sampled_from(VALUES),
-        w_magnitude=st.sampled_from(w_magnitudes),
-        bias=st.booleans(),
-        seed=st.integers(0, 2**32 - 1),
+        **gemm_operands(ROWS, OUTS, COLS, MAGNITUDES, w_magnitudes),
     )
 
 
