@@ -82,10 +82,17 @@ class IntFormat:
         codes = q.codes.float()
         return q.scale * (codes - q.zero if q.zero is not None else codes)
 
-    def quantize(self, x: torch.Tensor, gran: Granularity) -> QTensor:
+    def quantize(self, x: torch.Tensor, gran: Granularity, params: tuple | None = None) -> QTensor:
+        """``params``: the ``fit`` of another tensor to reuse (error-feedback methods fix scales as they go)."""
         g = to_groups(x, gran)
-        scale, zero = self.fit(g)
+        scale, zero = params if params is not None else self.fit(g)
         return QTensor(self.encode(g, scale, zero), scale, zero, tuple(x.shape), self, gran)
+
+    def project(self, g: torch.Tensor, params: tuple) -> torch.Tensor:
+        """Grouped values rounded onto the grid ``params`` (a ``fit``) defines: decode(encode(g))."""
+        scale, zero = params
+        q = self.encode(g, scale, zero).float()
+        return scale * (q - zero if zero is not None else q)
 
     def fake(self, x: torch.Tensor, gran: Granularity) -> torch.Tensor:
         """Quantize then dequantize, returned in ``x``'s dtype: what accuracy cases evaluate."""

@@ -96,10 +96,16 @@ class FloatFormat:
     def decode(self, q: QTensor) -> torch.Tensor:
         return self.element.decode(q.codes) * self.sigma(q.scale, q.global_scale)
 
-    def quantize(self, x: torch.Tensor, gran: Granularity) -> QTensor:
+    def quantize(self, x: torch.Tensor, gran: Granularity, params: tuple | None = None) -> QTensor:
+        """``params``: the ``fit`` of another tensor to reuse (error-feedback methods fix scales as they go)."""
         g = to_groups(x, gran)
-        s, S = self.fit(g)
+        s, S = params if params is not None else self.fit(g)
         return QTensor(self.encode(g, s, S), s, None, tuple(x.shape), self, gran, S)
+
+    def project(self, g: torch.Tensor, params: tuple) -> torch.Tensor:
+        """Grouped values rounded onto the grid ``params`` (a ``fit``) defines: decode(encode(g))."""
+        s, S = params
+        return self.element.decode(self.encode(g, s, S)) * self.sigma(s, S)
 
     def fake(self, x: torch.Tensor, gran: Granularity) -> torch.Tensor:
         """Quantize then dequantize, returned in ``x``'s dtype."""
