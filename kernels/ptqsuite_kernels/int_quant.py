@@ -7,7 +7,8 @@ by tests/kernels/test_int_quant.py:
 
 * Division is ``tl.math.div_rn`` (IEEE round-to-nearest): ``/`` on an NVIDIA GPU is an approximate division,
   which moves values within an ulp of a round-half tie by a step (1.5% of the test's near-tie data on an H200).
-* Round-half-to-even is built from ``floor``: libdevice's ``rint`` is not available in the interpreter.
+* Round-half-to-even and the NaN/inf test come from rounding.py (built from ``floor`` and exponent bits, so the
+  interpreter and a GPU agree).
 * A bf16 output is rounded to nearest-even by hand (rounding.cast_rne): the interpreter truncates fp32 to bf16.
 """
 from __future__ import annotations
@@ -19,20 +20,11 @@ import triton.language as tl
 from ptqsuite.formats import IntFormat
 from ptqsuite.granularity import PerChannel, PerGroup
 
-from .rounding import cast_rne
+from .rounding import cast_rne, nonfinite, round_half_even
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE = 1024  # elements a program handles: whole groups, several of them when groups are small
 FP16 = torch.finfo(torch.float16)  # the scales' storage dtype (IntFormat.scale_dtype)
-
-
-@triton.jit
-def _round_half_even(v):
-    down = tl.math.floor(v)
-    frac = v - down  # exact in floating point
-    odd = tl.math.floor(down * 0.5) != down * 0.5
-    # Never -0.0 (-0.0 + 0.0 and -1.0 + 1.0 are +0.0): a zero code decodes to +0.0, as the reference's int codes do.
-    return down + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
 
 
 # Sizes and code bounds are plain arguments, so that a GPU compiles one variant per tile shape, dtype and symmetry.
@@ -63,15 +55,14 @@ def _fake_int(x_ptr, out_ptr, cols, group, num_groups, total_groups, qmin, qmax,
     scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX)
     scale = ((scale.to(tl.int32, bitcast=True) >> 13) << 13).to(tl.float32, bitcast=True)
     # NaN or ±inf anywhere in a group: a NaN scale, so the whole group decodes to NaN (the spec's rule).
-    # Tested on the exponent bits: a GPU compiles `x != x` and NaN-aware max/min as if NaN never occurred.
-    nonfinite = real & ((x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000)
-    scale = tl.where(tl.max(nonfinite.to(tl.int32), axis=1) > 0, float("nan"), scale)
+    special = real & nonfinite(x)
+    scale = tl.where(tl.max(special.to(tl.int32), axis=1) > 0, float("nan"), scale)
 
-    q = _round_half_even(tl.math.div_rn(x, scale[:, None]))
+    q = round_half_even(tl.math.div_rn(x, scale[:, None]))
     if SYMMETRIC:
         zero = tl.zeros_like(scale)
     else:
-        zero = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(-lo, scale)), 0.0), qmax)
+        zero = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(-lo, scale)), 0.0), qmax)
         q += zero[:, None]
     q = tl.minimum(tl.maximum(q, qmin), qmax)
     xq = scale[:, None] * (q - zero[:, None])

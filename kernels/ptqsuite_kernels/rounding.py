@@ -1,4 +1,8 @@
-"""Triton helpers for conversions that must round the same way in the CPU interpreter and on a GPU.
+"""Triton helpers for rounding and special values that must behave the same in the CPU interpreter and on a GPU.
+
+NaN and ±inf are recognized by their exponent bits (`nonfinite`): a GPU compiles ``x != x`` and NaN-aware max/min
+as if NaN never occurred (seen on an H200). Round-half-to-even is built from ``floor`` (`round_half_even`):
+libdevice's ``rint`` is not available in the interpreter.
 
 The interpreter (triton 3.9) converts fp32 to bf16 by truncation, where a GPU rounds to nearest even, and its
 ``tl.dot`` reads bf16 operands' bit patterns as integers. Kernels that must match a torch reference bit for bit
@@ -37,3 +41,19 @@ def cast_rne(v, dtype: tl.constexpr):
         return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return v.to(dtype)
+
+
+@triton.jit
+def nonfinite(v):
+    """Whether fp32 ``v`` is NaN or ±inf: all exponent bits set."""
+    return (v.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+
+
+@triton.jit
+def round_half_even(v):
+    """fp32 ``v`` rounded to an integer value, ties to even. Never -0.0 (-0.0 + 0.0 and -1.0 + 1.0 are +0.0): a
+    zero code decodes to +0.0, as a torch reference's integer codes do."""
+    down = tl.math.floor(v)
+    frac = v - down  # exact in floating point
+    odd = tl.math.floor(down * 0.5) != down * 0.5
+    return down + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
