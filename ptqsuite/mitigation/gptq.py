@@ -86,20 +86,55 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _columns(W: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor, grid: "_Grid", block: int) -> torch.Tensor:
-    """The column loop with lazy block updates; ``W`` and ``Hinv`` in the (permuted) processing order."""
+    """The column loop with lazy block updates; ``W`` and ``Hinv`` in the (permuted) processing order.
+
+    Every group whose first column falls in a block is fitted at the block's start: the reference fits it when its
+    loop reaches that column, but on the outer ``W``, which changes only between blocks, so it is the same fit."""
     Q = torch.zeros_like(W)
     for i1 in range(0, W.shape[1], block):
         i2 = min(i1 + block, W.shape[1])
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            grid.reach(int(perm[i1 + i]), W, i1 + i)
-            w, d = W1[:, i], Hinv1[i, i]
-            q = grid.project(w, int(perm[i1 + i]))
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Q[:, i1 + i], Err1[:, i] = q, err
+        columns = perm[i1:i2]
+        grid.reach(columns, W, i1)
+        Q[:, i1:i2], Err1 = block_loop(W[:, i1:i2], Hinv[i1:i2, i1:i2], grid.fmt, grid.columns(columns))
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q
+
+
+def block_loop(W1: torch.Tensor, Hinv1: torch.Tensor, fmt, params: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of GPTQ's inner loop: quantize column ``i`` onto its grid, then spread its error ``err`` over the
+    block's later columns. ``params`` is the format's ``fit`` gathered per column (``[rows, block, 1]`` tensors;
+    scalars such as NVFP4's tensor scale as they are). Returns ``(Q1, Err1)``. The Triton kernel
+    (``ptqsuite_kernels.gptq_block``) reproduces this bit for bit, and replaces it on CUDA."""
+    kernel = _block_kernel(W1)
+    if kernel is not None:
+        return kernel(W1, Hinv1, fmt, params)
+    return block_reference(W1, Hinv1, fmt, params)
+
+
+def block_reference(W1: torch.Tensor, Hinv1: torch.Tensor, fmt, params: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    W1, Q1, Err1 = W1.clone(), torch.zeros_like(W1), torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        w, d = W1[:, i], Hinv1[i, i]
+        column = tuple(p[:, i:i + 1] if _per_group(p) else p for p in params)
+        q = fmt.project(w.reshape(-1, 1, 1), column).reshape(-1)
+        err = (w - q) / d
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        Q1[:, i], Err1[:, i] = q, err
+    return Q1, Err1
+
+
+def _block_kernel(W1: torch.Tensor):
+    if W1.device.type != "cuda":
+        return None
+    try:
+        from ptqsuite_kernels.gptq_block import kernel
+    except ImportError:  # triton missing: the torch loop is the same algorithm, only slower
+        return None
+    return kernel
+
+
+def _per_group(p) -> bool:
+    return isinstance(p, torch.Tensor) and p.dim() == 3
 
 
 class _Grid:
@@ -113,19 +148,21 @@ class _Grid:
         # NVFP4-style tensor scales: a group's block scale is relative to the whole tensor's, so no refit per group.
         self.static = static or isinstance(gran, PerChannel) or getattr(fmt, "tensor_scale", False)
 
-    def reach(self, column: int, W: torch.Tensor, position: int) -> None:
-        if self.static or column % self.group:
+    def reach(self, columns: torch.Tensor, W: torch.Tensor, i1: int) -> None:
+        """Refit the groups that start among ``columns`` (processing positions ``i1, i1+1, ...``) on ``W`` now."""
+        if self.static:
             return
-        fresh = self.fmt.fit(to_groups(W[:, position:position + self.group], PerChannel()))
-        g = column // self.group
-        for full, new in zip(self.full, fresh):
-            if isinstance(full, torch.Tensor) and full.dim() == 3:
-                full[:, g:g + 1] = new
+        for i in (columns % self.group == 0).nonzero().flatten().tolist():
+            position, g = i1 + i, int(columns[i]) // self.group
+            fresh = self.fmt.fit(to_groups(W[:, position:position + self.group], PerChannel()))
+            for full, new in zip(self.full, fresh):
+                if _per_group(full):
+                    full[:, g:g + 1] = new
 
-    def project(self, w: torch.Tensor, column: int) -> torch.Tensor:
-        g = column // self.group
-        params = tuple(p[:, g:g + 1] if isinstance(p, torch.Tensor) and p.dim() == 3 else p for p in self.full)
-        return self.fmt.project(w.reshape(-1, 1, 1), params).reshape(-1)
+    def columns(self, columns: torch.Tensor) -> tuple:
+        """The parameters of each column's group, ``[rows, len(columns), 1]``."""
+        index = (columns // self.group).to(self.full[0].device)
+        return tuple(p[:, index] if _per_group(p) else p for p in self.full)
 
     def params(self) -> tuple:
         return self.full
