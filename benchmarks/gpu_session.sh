@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_session.sh tests|bench|accuracy OUTDIR
 # tests:    every kernel and format property test under the GPU hypothesis profile (20x the CI examples, random)
 # bench:    every benchmarks/bench_*.py, one Markdown table each
+# gptq:     the GPTQ block kernel's tests under the GPU profile, its benchmark, and end-to-end GPTQ W4 g128 of a
+#           Llama-3-8B-shaped and a SmolLM2-shaped model (benchmarks/bench_gptq.py)
 # accuracy: the full tier for the models that travel (stories260k, llama3-tiny-random) on cuda, recording baselines
 # Wheels the machine lacks (syrupy) travel in .whl/ and are installed to a private target.
 set -u
@@ -21,9 +23,17 @@ case $what in
     for b in benchmarks/bench_*.py; do
       timeout 170 python "$b" > "$out/$(basename "$b" .py).md" 2>&1; echo "exit $?" >> "$out/$(basename "$b" .py).md"
     done ;;
+  gptq)
+    timeout 150 $pytest -q tests/kernels/test_gptq_block.py --hypothesis-profile ptqsuite-gpu --durations=5 \
+      > "$out/gptq-block-tests.txt" 2>&1; echo "exit $?" >> "$out/gptq-block-tests.txt"
+    timeout 100 python benchmarks/bench_gptq_block.py > "$out/bench_gptq_block.md" 2>&1; echo "exit $?" >> "$out/bench_gptq_block.md"
+    timeout 60 python benchmarks/bench_gptq.py --shape smollm2-135m > "$out/bench_gptq_smollm2.md" 2>&1
+    echo "exit $?" >> "$out/bench_gptq_smollm2.md"
+    timeout 230 python benchmarks/bench_gptq.py --shape llama3-8b > "$out/bench_gptq_llama3-8b.md" 2>&1
+    echo "exit $?" >> "$out/bench_gptq_llama3-8b.md" ;;
   accuracy)
     timeout 540 $pytest -q tests/test_accuracy.py --tier full --models stories260k,llama3-tiny-random --device cuda \
       --snapshot-update --durations=50 > "$out/accuracy.txt" 2>&1; echo "exit $?" >> "$out/accuracy.txt"
     tar czf "$out/baselines.tgz" baselines/cuda-* ;;
-  *) echo "unknown step $what; valid: tests, bench, accuracy"; exit 2 ;;
+  *) echo "unknown step $what; valid: tests, bench, gptq, accuracy"; exit 2 ;;
 esac

@@ -26,6 +26,7 @@ class Arch:
     final_norm: str
     head: str
     groups: tuple[LinearGroup, ...]
+    prologue: tuple[str, ...] = ()  # modules that compute block 0's inputs (run on the compute device to capture them)
 
     def block_list(self, model: nn.Module) -> list[nn.Module]:
         return list(model.get_submodule(self.blocks))
@@ -56,6 +57,7 @@ LLAMA = Arch(
         LinearGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         LinearGroup("mlp.up_proj", ("mlp.down_proj",)),
     ),
+    prologue=("model.embed_tokens", "model.rotary_emb"),
 )
 
 ARCHS = {a.name: a for a in (LLAMA,)}

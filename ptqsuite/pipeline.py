@@ -1,50 +1,314 @@
 """Apply a recipe to a model: the one place that walks blocks and swaps in quantized weights.
 
-Weights are fake-quantized: each linear's weight is replaced by its dequantized codes in the model's dtype, which
-is what the accuracy cases evaluate. (A bf16 model rounds ``s · (q - z)`` to bf16; the fp16-scale grid itself is
-exact.) Calibration-driven methods add the block-by-block capture loop here: the mitigation interface already
-takes the statistics they need.
+Weights are fake-quantized: each linear's weight is replaced by its dequantized codes (plus a compensation term,
+if the recipe has one) in the model's dtype, which is what the accuracy cases evaluate.
+
+A recipe without calibration quantizes every linear on its own. One with calibration runs the sequential loop
+(GPTQ's ``llama_sequential``, written once for every architecture through ``arch.py``):
+
+1. capture block 0's inputs for the calibration sequences (the prologue modules, embedding and rotary, run on
+   the compute device; a hook on block 0 stops the forward there);
+2. per block, moved alone to the compute device: per stage (one stage per input group of linears when the solver
+   is true-sequential, else one stage for the whole block), hooks accumulate each input group's Hessian while the
+   block runs the calibration micro-batches, stopping as soon as every linear of the stage has seen its input;
+   then each linear of the stage is clipped, solved and compensated, and its weight replaced;
+3. the quantized block's outputs on its inputs become the next block's inputs, so each block is calibrated on
+   what the quantized model before it produces.
+
+A block-level clipping step (OmniQuant's LWC) also needs the full-precision model's activations: then a second
+stream runs the unquantized blocks, and its outputs are LWC's targets. GPU memory holds one block, its stage's
+Hessians and the calibration activations (one stream, two with LWC); the rest of the model stays where it was.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .arch import Arch
+from .granularity import PerTensor
 from .mitigation import METHODS
+from .mitigation.stats import Hessian
 from .recipe import Recipe
+
+CHUNK_TOKENS = 4096  # calibration tokens per block forward: bounds the MLP's intermediate activations (Llama-3-8B: 0.3 GiB)
+SLICE_ELEMENTS = 1 << 25  # weight elements solved at once: bounds the solvers' fp32 copies (128 MiB each)
 
 
 @dataclass(frozen=True)
 class QuantReport:
     linears: int
     quantized_params: int
-    bits_per_weight: float  # over quantized linears, scales and zero points included
+    bits_per_weight: float  # over quantized linears: scales, zero points and compensation factors included
     model_bytes: int  # quantized linears at their effective bits, every other parameter at 16 bits
+    timings: dict = field(default_factory=dict)  # seconds per phase: capture, forward, hessian, solve, ...
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The recipe's mitigation steps as (module, options) per role; None where the recipe has none."""
+
+    spec: object
+    clip: tuple | None
+    solve: tuple
+    compensate: tuple | None
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "_Plan":
+        def role(name):
+            step = recipe.step(name)
+            return None if step is None else (METHODS[step.name], METHODS[step.name].options(step))
+        return cls(recipe.weight, role("clip"), role("solve"), role("compensate"))
+
+    @property
+    def sequential(self) -> bool:
+        return getattr(self.solve[1], "true_sequential", True)
+
+    @property
+    def block_clip(self) -> bool:
+        return self.clip is not None and hasattr(self.clip[0], "train")
+
+
+class _Timer(dict):
+    """Seconds per phase. On CUDA it synchronizes at each phase boundary, so work lands in the phase that queued it."""
+
+    sync = False
+
+    def add(self, phase: str, since: float) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self[phase] = self.get(phase, 0.0) + now - since
+        return now
+
+
 @torch.no_grad()
-def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, progress=None) -> QuantReport:
-    method = METHODS[recipe.method]
-    if method.needs_calibration:
-        raise NotImplementedError(f"method {recipe.method!r} needs calibration, which this pipeline does not run yet")
-    spec = recipe.weight
-    total_params = sum(p.numel() for p in model.parameters())
+def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: torch.Tensor | None = None,
+             device: torch.device | str | None = None, progress=None) -> QuantReport:
+    """Quantize ``model`` in place. ``calibration``: token ids ``[n, seqlen]`` (recipes that need it);
+    ``device``: where blocks are computed (default: where the model is); ``progress(done, total, what)``."""
+    plan, timer = _Plan.of(recipe), _Timer()
     linears = arch.quantizable(model)
-    bits = 0.0
-    for i, (name, linear) in enumerate(linears):
-        W = linear.weight.data
-        if spec.fmt is not None:
-            linear.weight.data = method.solve(W.float(), None, spec).dequantize(W.dtype)
-        bits += W.numel() * (spec.fmt.bits_per_element(tuple(W.shape), spec.gran) if spec.fmt else 16)
-        if progress:
-            progress(i + 1, len(linears), name)
+    if recipe.weight.fmt is None:
+        bits = {name: 16.0 * linear.weight.numel() for name, linear in linears}
+    elif not recipe.needs_calibration:
+        bits = {}
+        for i, (name, linear) in enumerate(linears):
+            t = time.perf_counter()
+            bits[name] = _quantize_linear(linear, None, plan, None)
+            timer.add("solve", t)
+            if progress:
+                progress(i + 1, len(linears), name)
+    else:
+        if calibration is None:
+            raise ValueError(f"recipe {recipe} needs calibration data (its steps {sorted(recipe.names)} use it)")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        timer.sync = device.type == "cuda"
+        bits = _sequential(model, arch, plan, calibration, device, timer, progress)
     qparams = sum(linear.weight.numel() for _, linear in linears)
+    total_params = sum(p.numel() for p in model.parameters())
+    total_bits = sum(bits.values())
     return QuantReport(
-        linears=len(linears), quantized_params=qparams, bits_per_weight=bits / qparams,
-        model_bytes=round((bits + 16 * (total_params - qparams)) / 8),
+        linears=len(linears), quantized_params=qparams, bits_per_weight=total_bits / qparams,
+        model_bytes=round((total_bits + 16 * (total_params - qparams)) / 8),
+        timings={k: round(v, 3) for k, v in timer.items()},
     )
+
+
+def _quantize_linear(linear: torch.nn.Linear, stats, plan: _Plan, clip) -> float:
+    """Replace ``linear``'s weight by its fake-quantized value; returns the bits it takes stored."""
+    return _quantize_linears([linear], stats, plan, [clip])[0]
+
+
+def _quantize_linears(linears: list, stats, plan: _Plan, clips: list) -> list[float]:
+    """Quantize linears that read the same input (one ``stats``); returns the bits each takes stored.
+
+    Where every step treats rows independently (no NVFP4 tensor scale or per-tensor granularity tying them, no
+    low-rank term, which is one per linear), the linears' rows are one stack, solved in slices of about
+    ``SLICE_ELEMENTS``: small linears (SmolLM2's q/k/v) go together, one solve instead of three; large ones
+    (Llama-3-8B's gate/up, 28672 rows) go in parts, so the solver's fp32 copies stay small. Either way it is the
+    same computation as one linear at a time."""
+    Ws = [linear.weight.data for linear in linears]
+    if _rows_independent(plan):
+        for pieces in _row_slices([W.shape[0] for W in Ws], Ws[0].shape[1]):
+            W = torch.cat([Ws[k][a:b].float() for k, a, b in pieces])
+            W_hat, _ = _mitigate(W, stats, plan, _clip_rows(clips, pieces))
+            for (k, a, b), part in zip(pieces, W_hat.split([b - a for _, a, b in pieces])):
+                Ws[k][a:b] = part.to(Ws[k].dtype)
+        extra = [0.0] * len(Ws)
+    else:
+        extra = []
+        for linear, W, clip in zip(linears, Ws, clips):
+            W_hat, e = _mitigate(W.float(), stats, plan, clip)
+            linear.weight.data = W_hat.to(W.dtype)
+            extra.append(e)
+    return [W.numel() * plan.spec.fmt.bits_per_element(tuple(W.shape), plan.spec.gran) + e for W, e in zip(Ws, extra)]
+
+
+def _row_slices(rows: list[int], cols: int) -> list[list[tuple[int, int, int]]]:
+    """The stacked rows of several matrices cut into slices of at most ``SLICE_ELEMENTS // cols`` rows, each slice
+    a list of ``(matrix, first row, end row)``."""
+    budget, slices, current, used = max(1, SLICE_ELEMENTS // cols), [], [], 0
+    for k, n in enumerate(rows):
+        a = 0
+        while a < n:
+            b = min(n, a + budget - used)
+            current.append((k, a, b))
+            used += b - a
+            a = b
+            if used == budget:
+                slices.append(current)
+                current, used = [], 0
+    return slices + ([current] if current else [])
+
+
+def _clip_rows(clips: list, pieces: list):
+    """The clipping ratios (per linear: None, a tensor ``[R, G, 1]`` or a pair of them) of a slice's rows."""
+    if all(clips[k] is None for k, _, _ in pieces):
+        return None
+    if isinstance(clips[pieces[0][0]], tuple):
+        return tuple(torch.cat([clips[k][i][a:b] for k, a, b in pieces]) for i in range(2))
+    return torch.cat([clips[k][a:b] for k, a, b in pieces])
+
+
+def _rows_independent(plan: _Plan) -> bool:
+    return (plan.compensate is None and not getattr(plan.spec.fmt, "tensor_scale", False)
+            and not isinstance(plan.spec.gran, PerTensor))
+
+
+def _mitigate(W: torch.Tensor, stats, plan: _Plan, clip) -> tuple[torch.Tensor, float]:
+    """Clip, solve, compensate one fp32 weight: the dequantized result and the compensation's extra bits."""
+    if plan.clip is not None and clip is None:
+        module, options = plan.clip
+        clip = module.search(W, stats, plan.spec, options)
+    module, options = plan.solve
+    W_hat = module.solve(W, stats, plan.spec, options, clip).dequantize()
+    if plan.compensate is None:
+        return W_hat, 0.0
+    module, options = plan.compensate
+    A, B = module.compensate(W, W_hat, stats, options)
+    return W_hat + A @ B, module.extra_bits(tuple(W.shape), options)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early: the rest of it is not needed."""
+
+
+def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, device: torch.device, timer: _Timer,
+                progress) -> dict[str, float]:
+    t = time.perf_counter()
+    chunk = max(1, CHUNK_TOKENS // calibration.shape[1])
+    inputs, kwargs = _capture(model, arch, calibration, device, chunk)
+    fp_inputs = list(inputs) if plan.block_clip else None
+    t = timer.add("capture", t)
+    blocks, bits = arch.block_list(model), {}
+    for b, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        t = timer.add("move", t)
+        run = lambda x, i: _forward(block, x, kwargs[i])  # noqa: E731 (the block of this iteration)
+        clips = {}
+        if plan.block_clip:
+            targets = [run(x, i) for i, x in enumerate(fp_inputs)]
+            t = timer.add("forward", t)
+            module, options = plan.clip
+            clips, _ = module.train(arch.linears(block), inputs, targets, run, plan.spec, options)
+            fp_inputs = targets
+            t = timer.add("clip", t)
+        for stage in _stages(arch, plan.sequential):
+            hessians = _collect(block, stage, inputs, run, device, timer)
+            t = time.perf_counter()
+            for group in stage:
+                layers = [block.get_submodule(name) for name in group.linears]
+                done = _quantize_linears(layers, hessians[group.source].stats(), plan,
+                                         [clips.get(name) for name in group.linears])
+                bits.update((f"{arch.blocks}.{b}.{name}", n) for name, n in zip(group.linears, done))
+            del hessians
+            t = timer.add("solve", t)
+        inputs = [run(x, i) for i, x in enumerate(inputs)]
+        t = timer.add("forward", t)
+        block.to(home)
+        t = timer.add("move", t)
+        if progress:
+            progress(b + 1, len(blocks), f"block {b}")
+    return bits
+
+
+def _stages(arch: Arch, sequential: bool) -> list[tuple]:
+    return [(g,) for g in arch.groups] if sequential else [tuple(arch.groups)]
+
+
+def _collect(block, stage: tuple, inputs: list, run, device, timer: _Timer) -> dict[str, Hessian]:
+    """Each input group's Hessian over the calibration inputs, with the block as it is now. The forward stops once
+    every linear of the stage has been called."""
+    hessians = {g.source: Hessian(block.get_submodule(g.linears[0]).in_features, device) for g in stage}
+    waiting, handles, mark = set(), [], [time.perf_counter()]
+
+    def accumulate(source):
+        def hook(module, args):
+            mark[0] = timer.add("forward", mark[0])  # on CUDA it synchronizes: the forward so far counts as forward
+            hessians[source].add_batch(args[0])
+            mark[0] = timer.add("hessian", mark[0])
+        return hook
+
+    def seen(name):
+        def hook(module, args, output):
+            waiting.discard(name)
+            if not waiting:
+                raise _Stop
+        return hook
+
+    for g in stage:
+        handles.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(accumulate(g.source)))
+        for name in g.linears:
+            handles.append(block.get_submodule(name).register_forward_hook(seen(name)))
+    try:
+        for i, x in enumerate(inputs):
+            waiting.update(name for g in stage for name in g.linears)
+            try:
+                run(x, i)
+            except _Stop:
+                pass
+            mark[0] = timer.add("forward", mark[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+def _forward(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _capture(model, arch: Arch, calibration: torch.Tensor, device: torch.device, chunk: int):
+    """Block 0's inputs (hidden states on ``device``, one tensor per micro-batch) and keyword arguments."""
+    prologue = [model.get_submodule(name) for name in arch.prologue]
+    homes = [next(m.parameters(), next(m.buffers(), None)) for m in prologue]
+    homes = [h.device if h is not None else device for h in homes]
+    for m in prologue:
+        m.to(device)
+    inputs, kwargs = [], []
+
+    def catch(module, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden)
+        kwargs.append(kw)
+        raise _Stop
+
+    handle = arch.block_list(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for ids in calibration.split(chunk):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        for m, home in zip(prologue, homes):
+            m.to(home)
+    return inputs, kwargs

@@ -46,7 +46,7 @@ class Options:
         return (self.matrix.in_tier(case, self.tier)
                 and (not self.bits or r.weight.bits in self.bits)
                 and (not self.models or case.model.name in self.models)
-                and (not self.methods or bool({r.method, *r.transforms} & self.methods)))
+                and (not self.methods or bool(r.names & self.methods)))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -2,7 +2,11 @@
 
 Grammar of an id (it keys baselines, so ``parse(str(r)) == r`` always holds, and ``str`` prints the canonical form):
 
-    recipe := [transform "+"]* method "-" weight ["@" calibration]
+    recipe := [step "+"]* step "-" weight ["@" calibration]
+    step := name [arg] ("." flag)*          a pre-quantization transform or an error-mitigation step, in the order
+                                            they run: transforms, then at most one clipping step (clip, lwc), one
+                                            solver (rtn, gptq), at most one compensation step (lrc). ``arg`` is a
+                                            step's number (lrc's rank), flags its options (gptq.act: act-order)
     weight := "w16"                         unquantized (the identity)
             | "w" bits [gran] ["sym"]        INT, bits 2..8: per-channel and asymmetric unless said otherwise
             | "w" float [gran] ("." option)*
@@ -15,7 +19,8 @@ Grammar of an id (it keys baselines, so ``parse(str(r)) == r`` always holds, and
     calibration := dataset "." n "x" seqlen ".s" seed      e.g. @c4.128x2048.s0 (printed when not the default)
 
 Examples: ``rtn-w4g128``, ``rtn-w8sym``, ``rtn-w16``, ``rtn-wmxfp4``, ``rtn-wnvfp4``, ``rtn-wfp8pt``,
-``rtn-wmxfp4.ceil`` (shared exponent rounded up), ``rtn-wmxfp4g16.e4m3.nearest``.
+``rtn-wmxfp4.ceil`` (shared exponent rounded up), ``rtn-wmxfp4g16.e4m3.nearest``, ``gptq-w4g128``,
+``gptq.act-w3@wikitext2.128x2048.s0``, ``clip+gptq+lrc16-w4g128``, ``lwc+rtn-w3g64``.
 """
 from __future__ import annotations
 
@@ -101,14 +106,50 @@ class Calibration:
 
 
 @dataclass(frozen=True)
-class Recipe:
-    method: str
-    weight: QuantSpec
-    transforms: tuple[str, ...] = ()
-    calibration: Calibration = field(default_factory=Calibration)
+class Step:
+    """One step of a recipe: a registry name, its number (None: the step's default) and its flags, sorted."""
+
+    name: str
+    arg: int | None = None
+    flags: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        head = "+".join((*self.transforms, self.method))
+        return f"{self.name}{'' if self.arg is None else self.arg}" + "".join(f".{f}" for f in self.flags)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "arg": self.arg, "flags": list(self.flags)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple[Step, ...]  # error mitigation in the order it runs: [clipping] solver [compensation]
+    weight: QuantSpec
+    transforms: tuple[Step, ...] = ()
+    calibration: Calibration = field(default_factory=Calibration)
+
+    @property
+    def method(self) -> str:
+        """The solver's name (rtn, gptq): what picks the quantized values."""
+        return self.step("solve").name
+
+    def step(self, role: str) -> Step | None:
+        from .mitigation import METHODS
+
+        return next((s for s in self.steps if METHODS[s.name].ROLE == role), None)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every transform and mitigation step named, for selecting recipes (--methods)."""
+        return frozenset(s.name for s in (*self.transforms, *self.steps))
+
+    @property
+    def needs_calibration(self) -> bool:
+        from .mitigation import METHODS
+
+        return bool(self.transforms) or any(METHODS[s.name].needs_calibration for s in self.steps)
+
+    def __str__(self) -> str:
+        head = "+".join(map(str, (*self.transforms, *self.steps)))
         calib = f"@{self.calibration}" if self.calibration != Calibration() else ""
         return f"{head}-{self.weight}{calib}"
 
@@ -116,7 +157,8 @@ class Recipe:
         return {
             "id": str(self),
             "method": self.method,
-            "transforms": list(self.transforms),
+            "steps": [s.to_dict() for s in self.steps],
+            "transforms": [s.to_dict() for s in self.transforms],
             "weight": self.weight.to_dict(),
             "calibration": asdict(self.calibration),
         }
@@ -131,6 +173,7 @@ class Recipe:
 
 _WEIGHT = re.compile(r"w(?:(?P<bits>\d+)|(?P<float>[a-z]+\d[a-z0-9]*?))(?:g(?P<group>\d+)|(?P<pt>pt)|(?P<pc>pc))?"
                      r"(?P<sym>sym)?(?P<options>(?:\.[a-z0-9]+)*)")
+_STEP = re.compile(r"(?P<name>[a-z][a-z_]*?)(?P<arg>\d+)?(?P<flags>(?:\.[a-z0-9]+)*)")
 _CALIB = re.compile(r"(?P<dataset>[a-z0-9]+)\.(?P<n>\d+)x(?P<seqlen>\d+)\.s(?P<seed>\d+)")
 WEIGHT_BITS = (*IntFormat.VALID_BITS, 16)
 
@@ -152,11 +195,58 @@ def parse(recipe_id: str) -> Recipe:
     head, sep, weight = body.partition("-")
     if not sep:
         raise RecipeError(f"recipe {recipe_id!r} has no weight format; expected e.g. 'rtn-w4g128'")
-    *transforms, method = head.split("+")
-    _check(method, known_methods(), "method", recipe_id)
-    for t in transforms:
-        _check(t, known_transforms(), "transform", recipe_id)
-    return Recipe(method, _parse_weight(weight, recipe_id), tuple(transforms), _parse_calibration(calib, recipe_id))
+    transforms, steps = _parse_steps(head, recipe_id)
+    recipe = Recipe(steps, _parse_weight(weight, recipe_id), transforms, _parse_calibration(calib, recipe_id))
+    for step in recipe.steps:
+        _check_format(step, recipe.weight, recipe_id)
+    return recipe
+
+
+def _parse_steps(head: str, recipe_id: str) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    """Transforms first, then mitigation steps in role order; each checked against its module's vocabulary."""
+    from .mitigation import METHODS, ROLES
+    from .transforms import TRANSFORMS
+
+    transforms, steps = [], []
+    for token in head.split("+"):
+        m = _STEP.fullmatch(token)
+        name = m["name"] if m else token
+        if name in TRANSFORMS and not steps:
+            transforms.append(_step(m, TRANSFORMS[name], recipe_id))
+        elif name in METHODS:
+            steps.append(_step(m, METHODS[name], recipe_id))
+        elif name in TRANSFORMS:
+            raise RecipeError(f"transform {name!r} in recipe {recipe_id!r} comes after a mitigation step; "
+                              f"transforms run first: e.g. '{name}+{steps[0].name}-...'")
+        else:
+            raise RecipeError(f"unknown step {name!r} in recipe {recipe_id!r}; known methods: "
+                              f"{', '.join(known_methods())}; known transforms: {', '.join(known_transforms()) or '(none yet)'}")
+    roles = [METHODS[s.name].ROLE for s in steps]
+    solvers = [s.name for s in steps if METHODS[s.name].ROLE == "solve"]
+    if len(solvers) != 1 or roles != sorted(roles, key=ROLES.index) or len(set(roles)) != len(roles):
+        order = " + ".join(f"[{'|'.join(n for n, m in sorted(METHODS.items()) if m.ROLE == r)}]" for r in ROLES)
+        raise RecipeError(f"recipe {recipe_id!r} has mitigation steps {[s.name for s in steps]}; expected one solver "
+                          f"and at most one step of each other kind, in the order {order} (solver required)")
+    return tuple(transforms), tuple(steps)
+
+
+def _step(m: re.Match, module, recipe_id: str) -> Step:
+    arg = int(m["arg"]) if m["arg"] else None
+    flags = tuple(sorted(set(filter(None, m["flags"].split(".")))))
+    step = Step(m["name"], None if arg == getattr(module, "DEFAULT_ARG", None) else arg, flags)
+    try:
+        module.options(step)
+    except ValueError as e:
+        raise RecipeError(f"step {m.group(0)!r} in recipe {recipe_id!r}: {e}") from None
+    return step
+
+
+def _check_format(step: Step, spec: QuantSpec, recipe_id: str) -> None:
+    from .mitigation import METHODS
+
+    reason = getattr(METHODS[step.name], "unsupported", lambda spec: None)(spec)
+    if reason:
+        raise RecipeError(f"step {str(step)!r} in recipe {recipe_id!r} cannot quantize to {spec}: {reason}")
 
 
 def _check(name: str, valid: list[str], what: str, recipe_id: str) -> None:

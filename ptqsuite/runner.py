@@ -52,6 +52,7 @@ class Runner:
         self._loaded: dict[str, models.Loaded] = {}
         self._reference: dict[str, tuple[dict, dict]] = {}
         self._results: dict[str, CaseResult] = {}
+        self._calibration: dict[tuple, torch.Tensor] = {}
 
     def loaded(self, spec: models.ModelSpec) -> models.Loaded:
         if spec.name not in self._loaded:
@@ -88,11 +89,26 @@ class Runner:
             self._results[case.id] = self._run(case)
         return self._results[case.id]
 
+    def calibration(self, case: Case) -> torch.Tensor | None:
+        """The recipe's calibration token ids for this model, built once per (model, calibration)."""
+        if not case.recipe.needs_calibration:
+            return None
+        c, loaded = case.recipe.calibration, self.loaded(case.model)
+        key = (case.model.name, c)
+        if key not in self._calibration:
+            context = loaded.model.config.max_position_embeddings
+            if c.seqlen > context:
+                raise ValueError(f"{case.id}: calibration sequences of {c.seqlen} tokens exceed {case.model.name}'s "
+                                 f"context of {context}; use e.g. @{c.dataset}.{c.n}x{context}.s{c.seed}")
+            self._calibration[key] = data.calibration(c.dataset, loaded.tokenizer, c.n, c.seqlen, c.seed)
+        return self._calibration[key]
+
     def _run(self, case: Case) -> CaseResult:
         reference, protocol = self.reference(case.model)
+        calibration = self.calibration(case)
         qmodel = copy.deepcopy(self.loaded(case.model).model)
         t0 = time.perf_counter()
-        report = pipeline.quantize(qmodel, case.recipe, arch_of(qmodel))
+        report = pipeline.quantize(qmodel, case.recipe, arch_of(qmodel), calibration, self.settings.device)
         t1 = time.perf_counter()
         metrics, _ = self.evaluate(qmodel, case.model, reference=self.loaded(case.model).model)
         t2 = time.perf_counter()
@@ -113,17 +129,11 @@ class Runner:
                 "batch_size": self.settings.batch_size or "auto",
                 "evaluation": protocol,
                 "kld_windows": self.matrix.budget(self.settings.device.type, case.model.name).get("kld", 0),
-                **({"calibration": case.recipe.to_dict()["calibration"]} if _needs_calibration(case) else {}),
+                **({"calibration": case.recipe.to_dict()["calibration"]} if case.recipe.needs_calibration else {}),
             },
             "environment": environment(),
         }
         return CaseResult(case, payload, t1 - t0, t2 - t1)
-
-
-def _needs_calibration(case: Case) -> bool:
-    from .mitigation import METHODS
-
-    return METHODS[case.recipe.method].needs_calibration or bool(case.recipe.transforms)
 
 
 def non_finite(metrics: dict) -> list[str]:

@@ -1,4 +1,4 @@
-"""What RTN must show on the real models, from the same cached results the matrix cases use."""
+"""What RTN and the mitigation steps must show on the real models, from the same cached results the matrix cases use."""
 import pytest
 
 from ptqsuite import models
@@ -40,3 +40,33 @@ def test_nvfp4_beats_mxfp4(ptq_runner, ptq_options, model):
     nv, mx = (metrics(ptq_runner, ptq_options, r, model) for r in ("rtn-wnvfp4", "rtn-wmxfp4"))
     assert nv["wikitext2.kld"]["value"] < mx["wikitext2.kld"]["value"]
     assert nv["wikitext2.ppl"]["value"] < mx["wikitext2.ppl"]["value"]
+
+
+# Error mitigation against RTN at the same format, on the calibration each model's matrix cases use.
+CALIBRATED = {
+    "stories260k": ("gptq", "@tinystories.128x512.s0"),
+    "smollm2-135m": ("gptq.act", "@c4.8x512.s0"),  # natural order loses at W4 here: see the README
+}
+
+
+@pytest.mark.parametrize("model", REAL)
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_at_most_rtn(ptq_runner, ptq_options, model, bits):
+    """GPTQ's promise, on real models: never worse than round-to-nearest in perplexity at W3 and W4."""
+    method, calib = CALIBRATED[model]
+    gptq = metrics(ptq_runner, ptq_options, f"{method}-w{bits}{calib}", model)["wikitext2.ppl"]["value"]
+    rtn = metrics(ptq_runner, ptq_options, f"rtn-w{bits}", model)["wikitext2.ppl"]["value"]
+    assert gptq <= rtn, (gptq, rtn)
+
+
+@pytest.mark.parametrize("model", REAL[:1])
+@pytest.mark.parametrize("better,worse", [
+    ("clip+gptq-w3", "gptq-w3"),  # the clipping search finds ranges GPTQ's full range wastes at 3 bits
+    ("gptq+lrc4-w3", "gptq-w3"),  # a rank-4 correction (1.6 more bits per weight here) pays
+    ("lwc2+rtn-w3", "rtn-w3"),  # learned clipping, two epochs, already beats plain RTN
+])
+def test_each_step_pays_at_3_bits(ptq_runner, ptq_options, model, better, worse):
+    calib = CALIBRATED[model][1]
+    ppl = lambda r: metrics(ptq_runner, ptq_options, r, model)["wikitext2.ppl"]["value"]  # noqa: E731
+    b, w = ppl(better + calib), ppl(worse if worse.startswith("rtn") else worse + calib)
+    assert b < w, (better, b, worse, w)

@@ -73,7 +73,7 @@ def expected_ids(tier: str = "default", *, bits=(), models_=(), methods=(), keyw
         if (m.in_tier(c, tier)
                 and (not bits or r.weight.bits in bits)
                 and (not models_ or c.model.name in models_)
-                and (not methods or {r.method, *r.transforms} & set(methods))
+                and (not methods or r.names & set(methods))
                 and (keyword is None or keyword.lower() in c.id.lower())):
             ids.append(c.id)
     return ids

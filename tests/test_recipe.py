@@ -12,7 +12,9 @@ from ptqsuite.recipe import Calibration, QuantSpec, Recipe, RecipeError, parse
 
 IDS = ["rtn-w4g128", "rtn-w4g128sym", "rtn-w8", "rtn-w8pt", "rtn-w3sym", "rtn-w16", "rtn-w2g64@wikitext2.64x512.s3",
        "rtn-wfp8", "rtn-wfp8pt", "rtn-wfp8e5m2", "rtn-wmxfp4", "rtn-wmxfp8", "rtn-wnvfp4", "rtn-wmxfp4g16",
-       "rtn-wmxfp4.ceil", "rtn-wmxfp4.e4m3.nearest", "rtn-wnvfp4g32.fp16", "rtn-wmxfp8pc", "rtn-wfp8g128"]
+       "rtn-wmxfp4.ceil", "rtn-wmxfp4.e4m3.nearest", "rtn-wnvfp4g32.fp16", "rtn-wmxfp8pc", "rtn-wfp8g128",
+       "gptq-w4g128", "gptq.act-w3@wikitext2.128x2048.s0", "gptq.act.par-w4sym", "clip+gptq+lrc16-w4g128",
+       "clip5+rtn-wmxfp4", "lwc+rtn-w3g64", "lwc5+gptq-w2g64", "gptq+lrc-wnvfp4"]
 
 
 @pytest.mark.parametrize("recipe_id", IDS)
@@ -45,8 +47,8 @@ def test_equivalent_ids_print_one_canonical_form(redundant, canonical):
 
 
 @pytest.mark.parametrize("bad,message", [
-    ("gptqq-w4", r"unknown method 'gptqq'.*known methods: rtn"),
-    ("quarot+rtn-w4", r"unknown transform 'quarot'"),
+    ("gptqq-w4", r"unknown step 'gptqq'.*known methods: clip, gptq, lrc, lwc, rtn; known transforms"),
+    ("quarot+rtn-w4", r"unknown step 'quarot'.*known transforms: \(none yet\)"),
     ("rtn-w5x", r"bad weight format 'w5x'.*bits one of 2, 3, 4, 5, 6, 7, 8, 16.*fp8, fp8e5m2, mxfp4"),
     ("rtn-wfp4", r"unknown float format 'fp4'.*valid: fp8, fp8e5m2, mxfp4, mxfp8, nvfp4"),
     ("rtn-wmxfp4sym", r"'sym' is for INT formats"),
@@ -61,6 +63,14 @@ def test_equivalent_ids_print_one_canonical_form(redundant, canonical):
 def test_bad_ids_name_the_bad_part_and_the_choices(bad, message):
     with pytest.raises(RecipeError, match=message):
         parse(bad)
+
+
+@pytest.mark.parametrize("redundant,canonical", [
+    ("gptq+lrc32-w4", "gptq+lrc-w4"), ("gptq.par.act-w4", "gptq.act.par-w4"), ("gptq.act.act-w4", "gptq.act-w4"),
+    ("clip10+rtn-w4", "clip+rtn-w4"), ("lwc20+rtn-w4", "lwc+rtn-w4"),
+])
+def test_equivalent_step_ids_print_one_canonical_form(redundant, canonical):
+    assert str(parse(redundant)) == canonical and parse(canonical) == parse(redundant)
 
 
 def test_from_dict_rejects_a_dict_that_disagrees_with_its_id():

@@ -56,14 +56,18 @@ class IntFormat:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
-    def fit(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Scale and zero point for grouped values ``g[R, G, n]`` (statistics over the last axis)."""
+    def fit(self, g: torch.Tensor, clip=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale and zero point for grouped values ``g[R, G, n]`` (statistics over the last axis). ``clip``: ratios
+        ``[R, G, 1]`` in (0, 1] that shrink the range (``max|x|``, or ``min`` and ``max`` alike), or a pair
+        ``(lo_ratio, hi_ratio)`` that shrinks each end of an asymmetric range on its own (OmniQuant's LWC)."""
         g = g.float()
+        lo_ratio, hi_ratio = clip if isinstance(clip, tuple) else (clip, clip)
         if self.symmetric:
-            scale, zero = g.abs().amax(-1, keepdim=True) / (2 ** (self.bits - 1) - 1), None
+            amax = g.abs().amax(-1, keepdim=True)
+            scale, zero = _shrink(amax, hi_ratio) / (2 ** (self.bits - 1) - 1), None
         else:
-            lo = g.amin(-1, keepdim=True).clamp(max=0)
-            hi = g.amax(-1, keepdim=True).clamp(min=0)
+            lo = _shrink(g.amin(-1, keepdim=True).clamp(max=0), lo_ratio)
+            hi = _shrink(g.amax(-1, keepdim=True).clamp(min=0), hi_ratio)
             scale = (hi - lo) / (2**self.bits - 1)
         finite = torch.isfinite(g).all(-1, keepdim=True)
         scale = self._stored(torch.where(scale > 0, scale, torch.ones_like(scale)))
@@ -113,3 +117,7 @@ class IntFormat:
 
     def __str__(self) -> str:
         return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}"
+
+
+def _shrink(bound: torch.Tensor, ratio: torch.Tensor | None) -> torch.Tensor:
+    return bound if ratio is None else bound * ratio

@@ -68,11 +68,15 @@ class FloatFormat:
     def bits(self) -> int:
         return self.element.bits
 
-    def fit(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Block scales ``s[R, G, 1]`` and the tensor scale ``S`` (or None) for grouped values ``g[R, G, n]``."""
+    def fit(self, g: torch.Tensor, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block scales ``s[R, G, 1]`` and the tensor scale ``S`` (or None) for grouped values ``g[R, G, n]``.
+        ``clip``: ratios ``[R, G, 1]`` in (0, 1] that shrink each group's ``amax`` before its block scale is chosen;
+        the tensor scale stays that of the unclipped tensor, so groups clipped differently share one ``S``."""
         amax = g.float().abs().amax(-1, keepdim=True)
         finite = torch.isfinite(amax)
         S = self._tensor_scale(amax[finite]) if self.tensor_scale else None
+        if clip is not None:
+            amax = amax * clip
         target = amax / S if S is not None else amax
         unit = 2.0**self.element.emax if self.rounding == "floor" else self.element.max
         ideal = torch.where(amax > 0, target / unit, torch.ones_like(amax))

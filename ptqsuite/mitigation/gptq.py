@@ -14,7 +14,13 @@ Quantizing column ``j`` to ``q`` with error ``e = (w_j − q) / [H⁻¹]_jj`` is
 * act-order: columns in order of decreasing ``H_jj``, with static groups (scales fitted on the original ``W``
   before any update, so that groups stay contiguous in storage); formats with a tensor scale (NVFP4) always use
   static groups, since their block scales are relative to the whole tensor's;
-* the format is injected (``spec.fmt.fit`` / ``project``): any INT or scaled float format, any granularity.
+* the format is injected (``spec.fmt.fit`` / ``project``): any INT or scaled float format, any granularity;
+  a clipping step's ratios (``clip``) are passed to every fit of a group;
+* true-sequential (the pipeline's concern, an option here): the linears of a block are quantized group by group
+  (q/k/v, o, gate/up, down), each group's Hessian collected with the groups before it already quantized. On by
+  default, as in AutoGPTQ and llm-compressor; ``gptq.par`` turns it off (every linear sees the fp block's inputs).
+
+Recipe flags: ``gptq.act`` (act-order), ``gptq.par`` (not true-sequential).
 
 A layer object has the paper code's three verbs: ``add_batch`` (accumulate ``H``), ``quantize``, ``free``.
 """
@@ -26,7 +32,9 @@ import torch
 
 from ..formats import QTensor
 from ..granularity import PerChannel, PerGroup, PerTensor, to_groups
+from .stats import Hessian, Stats
 
+ROLE = "solve"
 needs_calibration = True
 
 
@@ -35,54 +43,80 @@ class Options:
     damp: float = 0.01
     block: int = 128
     act_order: bool = False
+    true_sequential: bool = True
+
+
+def options(step) -> Options:
+    from . import from_step
+
+    return from_step(step, Options, {"act": {"act_order": True}, "par": {"true_sequential": False}})
+
+
+def unsupported(spec) -> str | None:
+    if isinstance(spec.gran, PerTensor):
+        return ("GPTQ fixes scales before its column loop, and a per-tensor scale would be fitted on the original "
+                "weight only; use per-channel or per-group granularity")
+    return None
 
 
 class GPTQ:
     """One linear layer's Hessian, accumulated over calibration batches, and the solve."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
-        self.H = torch.zeros(columns, columns, device=device, dtype=torch.float32)
-        self.n = 0
+        self.hessian = Hessian(columns, device)
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Inputs ``inp[..., columns]`` of the layer: ``H = 2/n Σ x xᵀ`` as a running mean."""
-        x = inp.reshape(-1, inp.shape[-1]).float()
-        t = x.shape[0]
-        self.H *= self.n / (self.n + t)
-        self.n += t
-        x = x * (2 / self.n) ** 0.5
-        self.H += x.T @ x
+        self.hessian.add_batch(inp)
 
-    def quantize(self, W: torch.Tensor, spec, options: Options = Options()) -> QTensor:
-        return solve(W, self.H, spec, options)
+    @property
+    def H(self) -> torch.Tensor:
+        return self.hessian.H
+
+    def quantize(self, W: torch.Tensor, spec, options: Options = Options(), clip=None) -> QTensor:
+        return solve(W, self.hessian.stats(), spec, options, clip)  # fresh Stats: no stale derived cache
 
     def free(self) -> None:
-        self.H = None
+        self.hessian = None
 
 
-def solve(W: torch.Tensor, H: torch.Tensor, spec, options: Options = Options()) -> QTensor:
-    """Quantize ``W[rows, columns]`` given the inputs' Hessian ``H[columns, columns]``."""
+def solve(W: torch.Tensor, stats: Stats, spec, options: Options = Options(), clip=None) -> QTensor:
+    """Quantize ``W[rows, columns]`` given the inputs' Hessian ``stats.H[columns, columns]``."""
     fmt, gran = spec.fmt, spec.gran
-    if isinstance(gran, PerTensor):
-        raise ValueError("GPTQ fixes scales before the column loop; per-tensor scales would see only the original W. "
-                         "Use per-channel or per-group granularity")
-    W, H = W.clone().float(), H.clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    if unsupported(spec):
+        raise ValueError(unsupported(spec))
+    dead, perm, Hinv = stats.cached(("gptq", options.damp, options.act_order), lambda: _prepare(stats.H, options))
+    W = W.float().clone()
     W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if options.act_order else torch.arange(W.shape[1])
-    Hinv = _inverse_cholesky(H[perm][:, perm], options.damp)
-    grid = _Grid(W, fmt, gran, static=options.act_order)
-    Q = _columns(W[:, perm], Hinv, perm, grid, options.block)
-    Q = Q[:, torch.argsort(perm)]
+    grid = _Grid(W, fmt, gran, static=options.act_order, clip=clip)
+    if options.act_order:
+        Q = _columns(W[:, perm], Hinv, perm, grid, options.block)[:, torch.argsort(perm)]
+    else:
+        Q = _columns(W, Hinv, perm, grid, options.block)
     return fmt.quantize(Q, gran, grid.params())
 
 
+def _prepare(H: torch.Tensor, options: Options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dead inputs, the column order, and H⁻¹'s upper Cholesky factor in that order: what every row of every linear
+    reading this input shares."""
+    dead = torch.diag(H) == 0
+    H = H.clone()
+    H[dead, dead] = 1
+    if options.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(H.shape[0], device=H.device)
+    return dead, perm, _inverse_cholesky(H, options.damp)
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp · mean(diag H) · I)⁻¹``: row j holds column j's update weights."""
-    H = H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+    """Upper Cholesky factor of ``(H + damp · mean(diag H) · I)⁻¹``: row j holds column j's update weights.
+    Overwrites ``H``; two matrices of its size live at a time (a 14336-wide fp32 H is 0.77 GiB)."""
+    H.diagonal().add_(damp * torch.diag(H).mean())
     L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    torch.cholesky_inverse(L, out=H)
+    return torch.linalg.cholesky(H, upper=True, out=L)
 
 
 def _columns(W: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor, grid: "_Grid", block: int) -> torch.Tensor:
@@ -112,15 +146,16 @@ def block_loop(W1: torch.Tensor, Hinv1: torch.Tensor, fmt, params: tuple) -> tup
 
 
 def block_reference(W1: torch.Tensor, Hinv1: torch.Tensor, fmt, params: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    W1, Q1, Err1 = W1.clone(), torch.zeros_like(W1), torch.zeros_like(W1)
-    for i in range(W1.shape[1]):
-        w, d = W1[:, i], Hinv1[i, i]
+    # Columns are held as rows of W1ᵀ (contiguous): the same arithmetic as on W1's columns, 2-3x faster on a CPU.
+    Wt, Qt, Errt = W1.T.contiguous(), torch.zeros_like(W1.T), torch.zeros_like(W1.T)
+    for i in range(Wt.shape[0]):
+        w, d = Wt[i], Hinv1[i, i]
         column = tuple(p[:, i:i + 1] if _per_group(p) else p for p in params)
         q = fmt.project(w.reshape(-1, 1, 1), column).reshape(-1)
         err = (w - q) / d
-        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-        Q1[:, i], Err1[:, i] = q, err
-    return Q1, Err1
+        Wt[i:] -= Hinv1[i, i:, None] * err[None, :]
+        Qt[i], Errt[i] = q, err
+    return Qt.T, Errt.T
 
 
 def _block_kernel(W1: torch.Tensor):
@@ -141,10 +176,10 @@ class _Grid:
     """The format's parameters per group, fitted statically (all at once on the original ``W``: per-channel, or
     act-order's static groups) or when the loop reaches a group's first column (GPTQ's default)."""
 
-    def __init__(self, W: torch.Tensor, fmt, gran, static: bool):
-        self.fmt, self.gran, self.shape = fmt, gran, tuple(W.shape)
+    def __init__(self, W: torch.Tensor, fmt, gran, static: bool, clip=None):
+        self.fmt, self.gran, self.shape, self.clip = fmt, gran, tuple(W.shape), clip
         self.group = gran.n if isinstance(gran, PerGroup) else W.shape[1]
-        self.full = fmt.fit(to_groups(W, gran))  # static params; dynamic ones overwrite their group's slice
+        self.full = fmt.fit(to_groups(W, gran), clip)  # static params; dynamic ones overwrite their group's slice
         # NVFP4-style tensor scales: a group's block scale is relative to the whole tensor's, so no refit per group.
         self.static = static or isinstance(gran, PerChannel) or getattr(fmt, "tensor_scale", False)
 
@@ -154,10 +189,16 @@ class _Grid:
             return
         for i in (columns % self.group == 0).nonzero().flatten().tolist():
             position, g = i1 + i, int(columns[i]) // self.group
-            fresh = self.fmt.fit(to_groups(W[:, position:position + self.group], PerChannel()))
+            fresh = self.fmt.fit(to_groups(W[:, position:position + self.group], PerChannel()), self._clip(g))
             for full, new in zip(self.full, fresh):
                 if _per_group(full):
                     full[:, g:g + 1] = new
+
+    def _clip(self, g: int):
+        if self.clip is None:
+            return None
+        pick = lambda r: r[:, g:g + 1]  # noqa: E731
+        return tuple(map(pick, self.clip)) if isinstance(self.clip, tuple) else pick(self.clip)
 
     def columns(self, columns: torch.Tensor) -> tuple:
         """The parameters of each column's group, ``[rows, len(columns), 1]``."""
