@@ -32,7 +32,7 @@ from .mitigation import METHODS
 from .mitigation.stats import Hessian
 from .recipe import Recipe
 
-CHUNK_TOKENS = 4096  # calibration tokens per block forward: bounds the MLP's intermediate activations (Llama-3-8B: 0.3 GiB)
+CHUNK_BYTES = 1 << 29  # per block forward: bounds the intermediate activations (Llama-3-8B bf16: 6 k tokens)
 SLICE_ELEMENTS = 1 << 25  # weight elements solved at once: bounds the solvers' fp32 copies (128 MiB each)
 
 
@@ -67,6 +67,12 @@ class _Plan:
     @property
     def sequential(self) -> bool:
         return getattr(self.solve[1], "true_sequential", True)
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether a per-linear step reads the layers' Hessians (``lwc+rtn`` needs calibration, but no Hessian)."""
+        per_linear = [self.solve, self.compensate] + ([] if self.block_clip else [self.clip])
+        return any(step is not None and step[0].needs_calibration for step in per_linear)
 
     @property
     def block_clip(self) -> bool:
@@ -201,7 +207,7 @@ class _Stop(Exception):
 def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, device: torch.device, timer: _Timer,
                 progress) -> dict[str, float]:
     t = time.perf_counter()
-    chunk = max(1, CHUNK_TOKENS // calibration.shape[1])
+    chunk = _chunk(arch, model, calibration.shape[1])
     inputs, kwargs = _capture(model, arch, calibration, device, chunk)
     fp_inputs = list(inputs) if plan.block_clip else None
     t = timer.add("capture", t)
@@ -216,16 +222,21 @@ def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, devic
             targets = [run(x, i) for i, x in enumerate(fp_inputs)]
             t = timer.add("forward", t)
             module, options = plan.clip
-            clips, _ = module.train(arch.linears(block), inputs, targets, run, plan.spec, options)
+            xs, ys, kws = _sequences(inputs, targets, kwargs)
+            clips, _ = module.train(arch.linears(block), xs, ys, lambda x, k: _forward(block, x, kws[k]),
+                                    plan.spec, options)
             fp_inputs = targets
             t = timer.add("clip", t)
-        for stage in _stages(arch, plan.sequential):
-            hessians = _collect(block, stage, inputs, run, device, timer)
+        for stage in _stages(arch, plan.sequential if plan.needs_stats else False):
+            hessians = _collect(block, stage, inputs, run, device, timer) if plan.needs_stats else None
             t = time.perf_counter()
             for group in stage:
                 layers = [block.get_submodule(name) for name in group.linears]
-                done = _quantize_linears(layers, hessians[group.source].stats(), plan,
-                                         [clips.get(name) for name in group.linears])
+                stats = hessians.pop(group.source).stats() if hessians is not None else None
+                if stats is not None:
+                    stats.last_use = plan.clip is None and plan.compensate is None  # only the solver reads it
+                done = _quantize_linears(layers, stats, plan, [clips.get(name) for name in group.linears])
+                del stats
                 bits.update((f"{arch.blocks}.{b}.{name}", n) for name, n in zip(group.linears, done))
             del hessians
             t = timer.add("solve", t)
@@ -236,6 +247,37 @@ def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, devic
         if progress:
             progress(b + 1, len(blocks), f"block {b}")
     return bits
+
+
+def _sequences(inputs: list, targets: list, kwargs: list) -> tuple[list, list, list]:
+    """Micro-batches split into single calibration sequences (views), with their keyword arguments: a training step
+    is one sequence whatever the memory-bound micro-batch size is (OmniQuant's batch size 1)."""
+    xs, ys, kws = [], [], []
+    for x, y, kw in zip(inputs, targets, kwargs):
+        for j in range(x.shape[0]):
+            xs.append(x[j:j + 1])
+            ys.append(y[j:j + 1])
+            kws.append({k: _select(v, j, x.shape[0]) for k, v in kw.items()})
+    return xs, ys, kws
+
+
+def _select(v, j: int, batch: int):
+    """Sequence ``j`` of a batched keyword argument: tensors of 2+ dimensions whose first is the batch (position ids,
+    rotary cos/sin, a 4-D attention mask), inside tuples too; anything else (cache positions, flags) as it is."""
+    if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == batch:
+        return v[j:j + 1]
+    if isinstance(v, tuple):
+        return tuple(_select(u, j, batch) for u in v)
+    return v
+
+
+def _chunk(arch: Arch, model, seqlen: int) -> int:
+    """Calibration sequences per block forward: the widest linear's outputs (the MLP's intermediate activations,
+    held about three times over) stay within ``CHUNK_BYTES``."""
+    block = arch.block_list(model)[0]
+    widest = max(linear.out_features for _, linear in arch.linears(block))
+    per_token = 3 * widest * next(block.parameters()).element_size()
+    return max(1, CHUNK_BYTES // (per_token * seqlen))
 
 
 def _stages(arch: Arch, sequential: bool) -> list[tuple]:

@@ -35,9 +35,10 @@ class Recorder:
 
         def wrapped(linears, stats, plan, clips):
             before = [linear.weight.detach().clone() for linear in linears]
+            H = stats.H.clone()  # the solver may consume stats.H (Stats.last_use)
             bits = inner(linears, stats, plan, clips)
             for linear, W in zip(linears, before):
-                self.seen[self.names[id(linear)]] = (W, linear.weight.detach().clone(), stats.H.clone())
+                self.seen[self.names[id(linear)]] = (W, linear.weight.detach().clone(), H)
             return bits
 
         monkeypatch.setattr(pipeline, "_quantize_linears", wrapped)

@@ -85,7 +85,7 @@ def solve(W: torch.Tensor, stats: Stats, spec, options: Options = Options(), cli
     fmt, gran = spec.fmt, spec.gran
     if unsupported(spec):
         raise ValueError(unsupported(spec))
-    dead, perm, Hinv = stats.cached(("gptq", options.damp, options.act_order), lambda: _prepare(stats.H, options))
+    dead, perm, Hinv = stats.cached(("gptq", options.damp, options.act_order), lambda: _prepare(stats, options))
     W = W.float().clone()
     W[:, dead] = 0
     grid = _Grid(W, fmt, gran, static=options.act_order, clip=clip)
@@ -96,11 +96,11 @@ def solve(W: torch.Tensor, stats: Stats, spec, options: Options = Options(), cli
     return fmt.quantize(Q, gran, grid.params())
 
 
-def _prepare(H: torch.Tensor, options: Options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prepare(stats: Stats, options: Options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dead inputs, the column order, and H⁻¹'s upper Cholesky factor in that order: what every row of every linear
     reading this input shares."""
+    H = stats.take_H()
     dead = torch.diag(H) == 0
-    H = H.clone()
     H[dead, dead] = 1
     if options.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -128,7 +128,7 @@ def _columns(W: torch.Tensor, Hinv: torch.Tensor, perm: torch.Tensor, grid: "_Gr
     for i1 in range(0, W.shape[1], block):
         i2 = min(i1 + block, W.shape[1])
         columns = perm[i1:i2]
-        grid.reach(columns, W, i1)
+        grid.reach(i1, i2, W)
         Q[:, i1:i2], Err1 = block_loop(W[:, i1:i2], Hinv[i1:i2, i1:i2], grid.fmt, grid.columns(columns))
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q
@@ -183,12 +183,13 @@ class _Grid:
         # NVFP4-style tensor scales: a group's block scale is relative to the whole tensor's, so no refit per group.
         self.static = static or isinstance(gran, PerChannel) or getattr(fmt, "tensor_scale", False)
 
-    def reach(self, columns: torch.Tensor, W: torch.Tensor, i1: int) -> None:
-        """Refit the groups that start among ``columns`` (processing positions ``i1, i1+1, ...``) on ``W`` now."""
+    def reach(self, i1: int, i2: int, W: torch.Tensor) -> None:
+        """Refit the groups that start at positions ``i1 .. i2 - 1`` on ``W`` now. Dynamic groups exist only in
+        natural order, where position and column coincide: plain integers, so the GPU is never waited for."""
         if self.static:
             return
-        for i in (columns % self.group == 0).nonzero().flatten().tolist():
-            position, g = i1 + i, int(columns[i]) // self.group
+        for position in range(i1 + (-i1 % self.group), i2, self.group):
+            g = position // self.group
             fresh = self.fmt.fit(to_groups(W[:, position:position + self.group], PerChannel()), self._clip(g))
             for full, new in zip(self.full, fresh):
                 if _per_group(full):

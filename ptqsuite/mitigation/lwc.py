@@ -6,10 +6,9 @@ Faithful to the reference (OpenGVLab/OmniQuant, ``--lwc``): ``γ = β = 4`` at t
 with a straight-through estimator, scale clamped at 1e-5 while training, AdamW with lr 1e-2 and no weight decay,
 mean-squared error between the quantized block's output on the quantized model's activations and the
 full-precision block's output on the full-precision model's activations (two activation streams), ``epochs``
-passes over the calibration set (20, the paper's W4A16 setting). Deviation: a step is one of the pipeline's
-micro-batches of calibration sequences rather than one sequence, and the learned ratios are then used by the
-recipe's solver through the format's ``fit(groups, (σ(β), σ(γ)))``, which rounds scales to fp16 as deployment does
-(the training graph does not).
+passes over the calibration set (20, the paper's W4A16 setting), one step per calibration sequence (batch size 1,
+as the reference). Deviation: the learned ratios are then used by the recipe's solver through the format's
+``fit(groups, (σ(β), σ(γ)))``, which rounds scales to fp16 as deployment does (the training graph does not).
 
 INT formats only, as in OmniQuant: a float format's power-of-two or E4M3 scale does not follow a learned range
 smoothly; use ``clip`` (the grid search) there.
@@ -92,8 +91,8 @@ def _round(x: torch.Tensor) -> torch.Tensor:
 
 def train(linears: list[tuple[str, nn.Linear]], inputs: list[torch.Tensor], targets: list[torch.Tensor], run,
           spec, options: Options = Options()) -> tuple[dict, list[float]]:
-    """Learn the clipping of every linear in a block. ``run(x, i)`` is the block's output on micro-batch ``i``'s
-    input ``x``. Returns ``({linear name: clip}, mean loss per epoch)``; the block is left as it was."""
+    """Learn the clipping of every linear in a block: one step per ``inputs[i]`` (the pipeline passes single
+    sequences). ``run(x, i)`` is the block's output on input ``x``, the ``i``-th. Returns ``({linear name: clip}, mean loss per epoch)``; the block is left as it was."""
     clips = {name: LearnedClip(linear.weight, spec) for name, linear in linears}
     for (name, linear) in linears:
         parametrize.register_parametrization(linear, "weight", clips[name])
@@ -107,7 +106,7 @@ def train(linears: list[tuple[str, nn.Linear]], inputs: list[torch.Tensor], targ
                 for i, (x, y) in enumerate(zip(inputs, targets)):
                     loss = torch.nn.functional.mse_loss(run(x, i).float(), y.float())
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"LWC loss is {loss.item()} on micro-batch {i}")
+                        raise FloatingPointError(f"LWC loss is {loss.item()} on calibration input {i}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -14,6 +14,15 @@ class Stats:
     H: torch.Tensor  # fp32 [in, in]
     n: int  # tokens seen
     derived: dict = field(default_factory=dict)  # what steps compute from H once per layer group (GPTQ's H⁻¹ factor)
+    last_use: bool = False  # the caller needs H no more after the first step that takes it (take_H)
+
+    def take_H(self) -> torch.Tensor:
+        """H to overwrite: itself when nothing reads it afterwards (saves a copy: 0.77 GiB for a 14336-wide fp32
+        H), else a copy."""
+        if self.last_use:
+            H, self.H = self.H, None
+            return H
+        return self.H.clone()
 
     def cached(self, key, compute):
         """``compute()``, once per ``key``: linears that share an input (q/k/v), or one solved in row slices,
