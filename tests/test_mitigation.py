@@ -51,6 +51,7 @@ def test_clip_search_never_loses_to_no_clipping_group_by_group(name):
     plain = clip.group_error(W, spec.fmt.project(groups, spec.fmt.fit(groups)), stats.H, spec.gran)
     assert ratio.shape == groups[..., :1].shape
     assert set(ratio.unique().tolist()) <= {torch.tensor(r).item() for r in clip.ratios()}
+    assert clip.ratios() == [1 - i / 20 for i in range(10)]  # AWQ's grid: 1 down to 0.55
     assert (searched <= plain).all()
     assert searched.sum() < 0.97 * plain.sum(), "heavy tails: the search should find clipping that pays"
 
@@ -168,7 +169,9 @@ def test_steps_parse_into_roles_in_order():
     ("lwc-w4", r"solver required"),
     ("gptq.fast-w4", r"unknown flag 'fast' of gptq; valid flags: .act, .par"),
     ("rtn4-w4", r"rtn takes no number"),
-    ("lrc0+rtn-w4", r"lrc must come after|in the order|rank >= 1"),
+    ("rtn+lrc0-w4", r"lrc's rank must be >= 1, got 0"),
+    ("lwc0+rtn-w4", r"lwc's epochs must be >= 1, got 0"),
+    ("clip21+rtn-w4", r"clip's steps must be 1..20, got 21"),
     ("lwc+rtn-wmxfp4", r"LWC learns the ends of INT ranges"),
     ("gptq-w4pt", r"per-tensor scale"),
     ("awq+rtn-w4", r"unknown step 'awq'.*known methods: clip, gptq, lrc, lwc, rtn"),

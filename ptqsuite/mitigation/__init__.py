@@ -17,7 +17,7 @@ number a step id may carry, e.g. lrc's rank) and ``unsupported(spec) -> reason |
 """
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from . import clip, gptq, lrc, lwc, rtn
 
@@ -25,9 +25,11 @@ ROLES = ("clip", "solve", "compensate")
 METHODS = {m.__name__.rsplit(".", 1)[-1]: m for m in (clip, gptq, lrc, lwc, rtn)}
 
 
-def from_step(step, options_cls, flags: dict[str, dict] | None = None, arg: str | None = None):
-    """``options_cls()`` changed by ``step``'s flags (each maps to field values) and its number (the field ``arg``);
-    a flag or number the step does not take raises ValueError naming what it does take."""
+def from_step(step, options_cls, flags: dict[str, dict] | None = None, arg: str | None = None,
+              bounds: tuple[int, int | None] = (1, None)):
+    """``options_cls()`` changed by ``step``'s flags (each maps to field values) and its number (the field ``arg``,
+    within ``bounds``, inclusive; None: unbounded); a flag or number the step does not take raises ValueError
+    naming what it does take."""
     flags = flags or {}
     opts = options_cls()
     for flag in step.flags:
@@ -38,7 +40,9 @@ def from_step(step, options_cls, flags: dict[str, dict] | None = None, arg: str 
     if step.arg is not None:
         if arg is None:
             raise ValueError(f"{step.name} takes no number, got {step.arg}")
+        lo, hi = bounds
+        if step.arg < lo or (hi is not None and step.arg > hi):
+            valid = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise ValueError(f"{step.name}'s {arg} must be {valid}, got {step.arg}")
         opts = replace(opts, **{arg: step.arg})
-    names = {f.name for f in fields(options_cls)}
-    assert arg is None or arg in names, (arg, names)
     return opts

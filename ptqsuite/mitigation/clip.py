@@ -12,7 +12,8 @@ scale does not. A ratio of 1 is in the grid, so the searched clip is never worse
 (ties keep the larger ratio). The search returns plain data, the ratios ``[R, G, 1]``: a solver (RTN, GPTQ) then
 uses them for every fit of that group.
 
-Recipe: ``clip+rtn-w4g128``, ``clip+gptq-w3``; ``clip<k>``: a grid of ``k`` steps of ``1/(2k)`` (default 10).
+Recipe: ``clip+rtn-w4g128``, ``clip+gptq-w3``; ``clip<k>``: ``k`` ratios ``1 − i/(2k)``, ``i < k`` (default 10, at
+most 20).
 """
 from __future__ import annotations
 
@@ -26,25 +27,22 @@ from .stats import Stats
 ROLE = "clip"
 needs_calibration = True
 DEFAULT_ARG = 10
+MAX_STEPS = 20
 
 
 @dataclass(frozen=True)
 class Options:
     steps: int = DEFAULT_ARG  # ratios 1, 1 - 1/(2·steps), ..., down to 1/2 + 1/(2·steps): AWQ's grid at 10
-    grid: int = 20
 
 
 def options(step) -> Options:
     from . import from_step
 
-    opts = from_step(step, Options, arg="steps")
-    if not 1 <= opts.steps <= opts.grid:
-        raise ValueError(f"clip takes 1..{opts.grid} steps, got {opts.steps}")
-    return Options(opts.steps, 2 * opts.steps)
+    return from_step(step, Options, arg="steps", bounds=(1, MAX_STEPS))
 
 
 def ratios(options: Options = Options()) -> list[float]:
-    return [1 - i / options.grid for i in range(options.steps)]
+    return [1 - i / (2 * options.steps) for i in range(options.steps)]
 
 
 def search(W: torch.Tensor, stats: Stats, spec, options: Options = Options()) -> torch.Tensor:

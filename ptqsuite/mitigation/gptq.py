@@ -83,8 +83,9 @@ class GPTQ:
 def solve(W: torch.Tensor, stats: Stats, spec, options: Options = Options(), clip=None) -> QTensor:
     """Quantize ``W[rows, columns]`` given the inputs' Hessian ``stats.H[columns, columns]``."""
     fmt, gran = spec.fmt, spec.gran
-    if unsupported(spec):
-        raise ValueError(unsupported(spec))
+    reason = unsupported(spec)
+    if reason:
+        raise ValueError(reason)
     dead, perm, Hinv = stats.cached(("gptq", options.damp, options.act_order), lambda: _prepare(stats, options))
     W = W.float().clone()
     W[:, dead] = 0

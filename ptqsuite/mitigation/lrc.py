@@ -36,10 +36,7 @@ class Options:
 def options(step) -> Options:
     from . import from_step
 
-    opts = from_step(step, Options, arg="rank")
-    if opts.rank < 1:
-        raise ValueError(f"lrc needs a rank >= 1, got {opts.rank}")
-    return opts
+    return from_step(step, Options, arg="rank")
 
 
 def compensate(W: torch.Tensor, W_hat: torch.Tensor, stats: Stats, options: Options = Options()):

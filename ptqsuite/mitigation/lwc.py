@@ -41,10 +41,7 @@ class Options:
 def options(step) -> Options:
     from . import from_step
 
-    opts = from_step(step, Options, arg="epochs")
-    if opts.epochs < 1:
-        raise ValueError(f"lwc needs at least 1 epoch, got {opts.epochs}")
-    return opts
+    return from_step(step, Options, arg="epochs")
 
 
 def unsupported(spec) -> str | None:
