@@ -5,6 +5,8 @@
 # bench:    every benchmarks/bench_*.py, one Markdown table each
 # gptq:     the GPTQ block kernel's tests under the GPU profile, its benchmark, and end-to-end GPTQ W4 g128 of a
 #           Llama-3-8B-shaped and a SmolLM2-shaped model (benchmarks/bench_gptq.py)
+# transforms: benchmarks/bench_transforms.py on a Llama-3-8B-shaped model (QuaRot, SmoothQuant, AWQ, SpinQuant)
+#           and tests/test_transforms.py
 # accuracy: the full tier for the models that travel (stories260k, llama3-tiny-random) on cuda, recording baselines
 # Wheels the machine lacks (syrupy) travel in .whl/ and are installed to a private target.
 set -u
@@ -31,9 +33,14 @@ case $what in
     echo "exit $?" >> "$out/bench_gptq_smollm2.md"
     timeout 230 python benchmarks/bench_gptq.py --shape llama3-8b > "$out/bench_gptq_llama3-8b.md" 2>&1
     echo "exit $?" >> "$out/bench_gptq_llama3-8b.md" ;;
+  transforms)
+    timeout 400 python benchmarks/bench_transforms.py --shape llama3-8b > "$out/bench_transforms_llama3-8b.md" 2>&1
+    echo "exit $?" >> "$out/bench_transforms_llama3-8b.md"
+    timeout 150 $pytest -q tests/test_transforms.py --durations=10 > "$out/transforms-tests.txt" 2>&1
+    echo "exit $?" >> "$out/transforms-tests.txt" ;;
   accuracy)
     timeout 540 $pytest -q tests/test_accuracy.py --tier full --models stories260k,llama3-tiny-random --device cuda \
       --snapshot-update --durations=50 > "$out/accuracy.txt" 2>&1; echo "exit $?" >> "$out/accuracy.txt"
     tar czf "$out/baselines.tgz" baselines/cuda-* ;;
-  *) echo "unknown step $what; valid: tests, bench, gptq, accuracy"; exit 2 ;;
+  *) echo "unknown step $what; valid: tests, bench, gptq, transforms, accuracy"; exit 2 ;;
 esac

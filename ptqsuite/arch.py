@@ -15,6 +15,8 @@ from torch import nn
 class LinearGroup:
     source: str
     linears: tuple[str, ...]
+    scope: str | None = None  # the smallest module whose output judges a change to these linears (AWQ's
+    # module2inspect): the attention for q/k/v, the MLP for gate/up; None: the linears themselves
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,21 @@ class Arch:
     head: str
     groups: tuple[LinearGroup, ...]
     prologue: tuple[str, ...] = ()  # modules that compute block 0's inputs (run on the compute device to capture them)
+    attention: str = "self_attn"  # the module that applies RoPE and attends (K and V are quantized inside it)
+    residual_writers: tuple[str, ...] = ()  # linears whose outputs are added to the residual stream
+    online_rotated: tuple[str, ...] = ()  # linears whose inputs a rotation can only reach online (after a nonlinearity)
+    value_out: tuple[str, str] | None = None  # (V projection, attention output projection): per-head rotatable
+
+    def heads(self, model: nn.Module) -> tuple[int, int, int]:
+        """(attention heads, key/value heads, head dim) from the config, as every llama-like model names them."""
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
+
+    def norm_groups(self) -> tuple[LinearGroup, ...]:
+        """Groups fed by a norm (folded and smoothed into their linears), as opposed to those fed by a linear."""
+        produced = {name for g in self.groups for name in g.linears}
+        return tuple(g for g in self.groups if g.source not in produced)
 
     def block_list(self, model: nn.Module) -> list[nn.Module]:
         return list(model.get_submodule(self.blocks))
@@ -52,12 +69,15 @@ LLAMA = Arch(
     final_norm="model.norm",
     head="lm_head",
     groups=(
-        LinearGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        LinearGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
         LinearGroup("self_attn.v_proj", ("self_attn.o_proj",)),
-        LinearGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        LinearGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         LinearGroup("mlp.up_proj", ("mlp.down_proj",)),
     ),
     prologue=("model.embed_tokens", "model.rotary_emb"),
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    online_rotated=("mlp.down_proj",),
+    value_out=("self_attn.v_proj", "self_attn.o_proj"),
 )
 
 ARCHS = {a.name: a for a in (LLAMA,)}

@@ -20,7 +20,8 @@ H Hᵀ = k·I when built:
   107, 139): with χ the quadratic character of GF(q) and the Jacobsthal matrix Q[x, y] = χ(x - y)
   (Q Qᵀ = q·I - J, Q J = 0, Qᵀ = -Q since χ(-1) = -1), S = [[0, 1ᵀ], [-1, Q]] is skew with S Sᵀ = q·I,
   and H = I + S has H Hᵀ = I + S + Sᵀ + S Sᵀ = (q + 1)·I.
-* Paley II, order 2(q + 1) for a prime power q ≡ 1 (mod 4) (k = 36, 52 from q = 17, 25): now Q is symmetric,
+* Paley II, order 2(q + 1) for a prime power q ≡ 1 (mod 4) (k = 36, 52, 148 from q = 17, 25, 73; 148 is for
+  Qwen2.5-7B's MLP width 18944 = 148·128): now Q is symmetric,
   C = [[0, 1ᵀ], [1, Q]] is a symmetric conference matrix (C Cᵀ = q·I, zero diagonal), and
   H = C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]] has H Hᵀ = 2(q + 1)·I.
 * Goethals–Seidel (1970), order 4t (k = 156, 172 from t = 39, 43, which no Paley construction reaches): four
@@ -44,7 +45,7 @@ import math
 import torch
 
 # Bases k: n = k·2^m is supported for these (40·2^m too, as 20·2^(m+1)).
-BASES = (1, 12, 20, 28, 36, 52, 60, 108, 140, 156, 172)
+BASES = (1, 12, 20, 28, 36, 52, 60, 108, 140, 148, 156, 172)
 VALID_FORMS = f"n = k·2^m with m >= 0 and k in {BASES} (40·2^m included, as 20·2^(m+1))"
 
 # First rows of Goethals–Seidel quadruples: ±1 sequences of length t whose periodic autocorrelations add up to 0

@@ -53,6 +53,13 @@ LLAMA3_TINY = dict(
 )
 
 
+# The other llama-like layouts at the same scale, for checks that must hold on every supported architecture:
+# Mistral (sliding-window attention, GQA) and Qwen2 (biases on q/k/v, tied embeddings).
+MISTRAL_TINY = LLAMA3_TINY | dict(model_type="mistral", rope_theta=10000.0, sliding_window=64)
+QWEN2_TINY = LLAMA3_TINY | dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                                use_sliding_window=False)
+
+
 def _registry() -> dict[str, ModelSpec]:
     from .weights import SMOLLM2
 
@@ -69,6 +76,10 @@ def _registry() -> dict[str, ModelSpec]:
                   notes="weights dequantized from GGUF Q4_1: RTN asym g32 is an artefact on this model"),
         ModelSpec("llama3-tiny-random", "llama3", "llama", "random", None, LLAMA3_TINY, seed=0,
                   notes="random-init, Llama-3 layout scaled down"),
+        ModelSpec("mistral-tiny-random", "mistral", "llama", "random", None, MISTRAL_TINY, seed=0,
+                  notes="random-init, Mistral layout (sliding window) scaled down"),
+        ModelSpec("qwen2-tiny-random", "qwen2", "llama", "random", None, QWEN2_TINY, seed=0,
+                  notes="random-init, Qwen2 layout (q/k/v biases, tied embeddings) scaled down"),
     ]
     return {s.name: s for s in specs}
 
@@ -153,7 +164,8 @@ def _hub_dir(spec: ModelSpec, sources: Sources) -> Path:
 def build_random(spec: ModelSpec) -> torch.nn.Module:
     """A model whose weights depend only on (config, seed, parameter name): stable across transformers versions,
     whose own init code changes. Linear weights ~ N(0, 1/fan_in) keep activations at unit scale, so the logits are
-    far from uniform and quantization error shows in the metrics."""
+    far from uniform and quantization error shows in the metrics. Biases ~ N(0, 0.5²): nonzero, so every
+    rewrite of a biased layer is exercised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(**spec.source)
@@ -161,7 +173,9 @@ def build_random(spec: ModelSpec) -> torch.nn.Module:
     with torch.no_grad():
         for name, p in model.named_parameters():
             gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + zlib.crc32(name.encode()))
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif p.dim() == 1:
                 p.fill_(1.0)  # norm gains
             else:
                 std = 1.0 if "embed" in name else p.shape[1] ** -0.5

@@ -22,17 +22,19 @@ Hessians and the calibration activations (one stream, two with LWC); the rest of
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from .arch import Arch
+from .blockwise import Stop, capture, chunk_size, forward
 from .granularity import PerTensor
 from .mitigation import METHODS
 from .mitigation.stats import Hessian
+from .nn import attention_quant, linear_input
 from .recipe import Recipe
+from .transforms import TRANSFORMS
 
-CHUNK_BYTES = 1 << 29  # per block forward: bounds the intermediate activations (Llama-3-8B bf16: 6 k tokens)
 SLICE_ELEMENTS = 1 << 25  # weight elements solved at once: bounds the solvers' fp32 copies (128 MiB each)
 
 
@@ -43,9 +45,10 @@ class QuantReport:
     bits_per_weight: float  # over quantized linears: scales, zero points and compensation factors included
     model_bytes: int  # quantized linears at their effective bits, every other parameter at 16 bits
     timings: dict = field(default_factory=dict)  # seconds per phase: capture, forward, hessian, solve, ...
+    transforms: dict = field(default_factory=dict, repr=False)  # each transform step's fitted state
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "transforms"}
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,15 @@ def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: to
     """Quantize ``model`` in place. ``calibration``: token ids ``[n, seqlen]`` (recipes that need it);
     ``device``: where blocks are computed (default: where the model is); ``progress(done, total, what)``."""
     plan, timer = _Plan.of(recipe), _Timer()
+    if recipe.needs_calibration and calibration is None:
+        raise ValueError(f"recipe {recipe} needs calibration data (its steps {sorted(recipe.names)} use it)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    timer.sync = device.type == "cuda"
+    states = _transform(model, arch, recipe, calibration, device, timer)
     linears = arch.quantizable(model)
     if recipe.weight.fmt is None:
         bits = {name: 16.0 * linear.weight.numel() for name, linear in linears}
-    elif not recipe.needs_calibration:
+    elif not any(step[0].needs_calibration for step in (plan.clip, plan.solve, plan.compensate) if step):
         bits = {}
         for i, (name, linear) in enumerate(linears):
             t = time.perf_counter()
@@ -110,19 +118,40 @@ def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: to
             if progress:
                 progress(i + 1, len(linears), name)
     else:
-        if calibration is None:
-            raise ValueError(f"recipe {recipe} needs calibration data (its steps {sorted(recipe.names)} use it)")
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-        timer.sync = device.type == "cuda"
         bits = _sequential(model, arch, plan, calibration, device, timer, progress)
+    _quantize_io(model, arch, recipe)
     qparams = sum(linear.weight.numel() for _, linear in linears)
     total_params = sum(p.numel() for p in model.parameters())
     total_bits = sum(bits.values())
     return QuantReport(
         linears=len(linears), quantized_params=qparams, bits_per_weight=total_bits / qparams,
         model_bytes=round((total_bits + 16 * (total_params - qparams)) / 8),
-        timings={k: round(v, 3) for k, v in timer.items()},
+        timings={k: round(v, 3) for k, v in timer.items()}, transforms=states,
     )
+
+
+def _transform(model, arch: Arch, recipe: Recipe, calibration, device, timer: _Timer) -> dict:
+    """Fit and apply the recipe's transforms in order; returns each one's state by its step id."""
+    states = {}
+    for step in recipe.transforms:
+        t = time.perf_counter()
+        module = TRANSFORMS[step.name]
+        state = module.fit(model, arch, calibration, recipe, module.options(step), device)
+        module.apply(model, arch, state)
+        states[str(step)] = state
+        timer.add(f"transform.{step}", t)
+    return states
+
+
+def _quantize_io(model, arch: Arch, recipe: Recipe) -> None:
+    """Switch on the recipe's activation and KV-cache quantization, after the weights: calibration saw the
+    unquantized activations (online rotations included), as QuaRot's and GPTQ's code calibrate."""
+    if recipe.act is not None:
+        for _, linear in arch.quantizable(model):
+            linear_input(linear).spec = recipe.act
+    if recipe.kv is not None:
+        for block in arch.block_list(model):
+            attention_quant(model, block.get_submodule(arch.attention)).spec = recipe.kv
 
 
 def _quantize_linear(linear: torch.nn.Linear, stats, plan: _Plan, clip) -> float:
@@ -200,15 +229,11 @@ def _mitigate(W: torch.Tensor, stats, plan: _Plan, clip) -> tuple[torch.Tensor, 
     return W_hat + A @ B, module.extra_bits(tuple(W.shape), options)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward early: the rest of it is not needed."""
-
-
 def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, device: torch.device, timer: _Timer,
                 progress) -> dict[str, float]:
     t = time.perf_counter()
-    chunk = _chunk(arch, model, calibration.shape[1])
-    inputs, kwargs = _capture(model, arch, calibration, device, chunk)
+    chunk = chunk_size(arch, model, calibration.shape[1])
+    inputs, kwargs = capture(model, arch, calibration, device, chunk)
     fp_inputs = list(inputs) if plan.block_clip else None
     t = timer.add("capture", t)
     blocks, bits = arch.block_list(model), {}
@@ -216,14 +241,14 @@ def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, devic
         home = next(block.parameters()).device
         block.to(device)
         t = timer.add("move", t)
-        run = lambda x, i: _forward(block, x, kwargs[i])  # noqa: E731 (the block of this iteration)
+        run = lambda x, i: forward(block, x, kwargs[i])  # noqa: E731 (the block of this iteration)
         clips = {}
         if plan.block_clip:
             targets = [run(x, i) for i, x in enumerate(fp_inputs)]
             t = timer.add("forward", t)
             module, options = plan.clip
             xs, ys, kws = _sequences(inputs, targets, kwargs)
-            clips, _ = module.train(arch.linears(block), xs, ys, lambda x, k: _forward(block, x, kws[k]),
+            clips, _ = module.train(arch.linears(block), xs, ys, lambda x, k: forward(block, x, kws[k]),
                                     plan.spec, options)
             fp_inputs = targets
             t = timer.add("clip", t)
@@ -271,15 +296,6 @@ def _select(v, j: int, batch: int):
     return v
 
 
-def _chunk(arch: Arch, model, seqlen: int) -> int:
-    """Calibration sequences per block forward: the widest linear's outputs (the MLP's intermediate activations,
-    held about three times over) stay within ``CHUNK_BYTES``."""
-    block = arch.block_list(model)[0]
-    widest = max(linear.out_features for _, linear in arch.linears(block))
-    per_token = 3 * widest * next(block.parameters()).element_size()
-    return max(1, CHUNK_BYTES // (per_token * seqlen))
-
-
 def _stages(arch: Arch, sequential: bool) -> list[tuple]:
     return [(g,) for g in arch.groups] if sequential else [tuple(arch.groups)]
 
@@ -301,7 +317,7 @@ def _collect(block, stage: tuple, inputs: list, run, device, timer: _Timer) -> d
         def hook(module, args, output):
             waiting.discard(name)
             if not waiting:
-                raise _Stop
+                raise Stop
         return hook
 
     for g in stage:
@@ -313,44 +329,10 @@ def _collect(block, stage: tuple, inputs: list, run, device, timer: _Timer) -> d
             waiting.update(name for g in stage for name in g.linears)
             try:
                 run(x, i)
-            except _Stop:
+            except Stop:
                 pass
             mark[0] = timer.add("forward", mark[0])
     finally:
         for h in handles:
             h.remove()
     return hessians
-
-
-def _forward(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _capture(model, arch: Arch, calibration: torch.Tensor, device: torch.device, chunk: int):
-    """Block 0's inputs (hidden states on ``device``, one tensor per micro-batch) and keyword arguments."""
-    prologue = [model.get_submodule(name) for name in arch.prologue]
-    homes = [next(m.parameters(), next(m.buffers(), None)) for m in prologue]
-    homes = [h.device if h is not None else device for h in homes]
-    for m in prologue:
-        m.to(device)
-    inputs, kwargs = [], []
-
-    def catch(module, args, kw):
-        hidden = args[0] if args else kw.pop("hidden_states")
-        inputs.append(hidden)
-        kwargs.append(kw)
-        raise _Stop
-
-    handle = arch.block_list(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for ids in calibration.split(chunk):
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-        for m, home in zip(prologue, homes):
-            m.to(home)
-    return inputs, kwargs

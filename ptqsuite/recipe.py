@@ -2,7 +2,7 @@
 
 Grammar of an id (it keys baselines, so ``parse(str(r)) == r`` always holds, and ``str`` prints the canonical form):
 
-    recipe := [step "+"]* step "-" weight ["@" calibration]
+    recipe := [step "+"]* step "-" weight [act] [kv] ["@" calibration]
     step := name [arg] ("." flag)*          a pre-quantization transform or an error-mitigation step, in the order
                                             they run: transforms, then at most one clipping step (clip, lwc), one
                                             solver (rtn, gptq), at most one compensation step (lrc). ``arg`` is a
@@ -15,21 +15,30 @@ Grammar of an id (it keys baselines, so ``parse(str(r)) == r`` always holds, and
                                             E8M0 scale rounded down, blocks of 32), nvfp4 (E4M3 block scale + fp32
                                             tensor scale, blocks of 16); options change the scale format (e8m0,
                                             e4m3, fp16, fp32) or its rounding (floor, ceil, nearest)
+    act := "a" spec                           linear inputs, fake-quantized dynamically per token (g<n>: groups of n
+                                            along the token's features); a16 hooks in and changes nothing
+    kv := "kv" spec                          K after RoPE and V as attention receives them, per token and head
+                                            (g<n>: groups of n within a head); kv16 likewise the identity
+                                            (act and kv specs are weight specs with another letter: a8, a4sym, anvfp4,
+                                            kv4g32; INT is asymmetric unless "sym", as for weights)
     gran := "g" n | "pt" | "pc"              groups of n along a row (tail groups allowed), per tensor, per channel
     calibration := dataset "." n "x" seqlen ".s" seed      e.g. @c4.128x2048.s0 (printed when not the default)
 
 Examples: ``rtn-w4g128``, ``rtn-w8sym``, ``rtn-w16``, ``rtn-wmxfp4``, ``rtn-wnvfp4``, ``rtn-wfp8pt``,
 ``rtn-wmxfp4.ceil`` (shared exponent rounded up), ``rtn-wmxfp4g16.e4m3.nearest``, ``gptq-w4g128``,
-``gptq.act-w3@wikitext2.128x2048.s0``, ``clip+gptq+lrc16-w4g128``, ``lwc+rtn-w3g64``.
+``gptq.act-w3@wikitext2.128x2048.s0``, ``clip+gptq+lrc16-w4g128``, ``lwc+rtn-w3g64``, ``quarot+gptq-w4a4kv4``,
+``smooth+rtn-w8a8``, ``awq+clip+rtn-w4g128``, ``spinquant+gptq-w4a8``.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+
 from .formats import FP8, FP8_E5M2, MXFP4, MXFP8, NVFP4, FloatFormat, Format, IntFormat
 from .formats.minifloat import ROUNDINGS, SCALES
-from .granularity import Granularity, PerChannel, PerGroup, PerTensor
+from .granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 
 # Scaled float presets and the granularity each implies when the id names none.
 FLOAT_PRESETS: dict[str, tuple[FloatFormat, Granularity]] = {
@@ -57,15 +66,21 @@ class QuantSpec:
         return self.fmt.bits if self.fmt else 16
 
     def __str__(self) -> str:
+        return self.token("w")
+
+    def token(self, role: str) -> str:
+        """The spec as it appears in an id after its role letter(s): w (weight), a (activations), kv (KV cache)."""
         if self.fmt is None:
-            return "w16"
+            return f"{role}16"
+        default = DEFAULT_GRAN[role]
         if isinstance(self.fmt, IntFormat):
-            return f"w{self.fmt.bits}{_gran_token(self.gran, PerChannel())}{'sym' if self.fmt.symmetric else ''}"
+            return f"{role}{self.fmt.bits}{_gran_token(self.gran, default)}{'sym' if self.fmt.symmetric else ''}"
         name = _preset_of(self.fmt)
-        preset, default_gran = FLOAT_PRESETS[name]
+        preset, preset_gran = FLOAT_PRESETS[name]
         options = [str(self.fmt.scale)] if self.fmt.scale != preset.scale else []
         options += [self.fmt.rounding] if self.fmt.rounding != preset.rounding else []
-        return f"w{name}{_gran_token(self.gran, default_gran)}" + "".join(f".{o}" for o in options)
+        return (f"{role}{name}{_gran_token(self.gran, _role_gran(preset_gran, default))}"
+                + "".join(f".{o}" for o in options))
 
     def to_dict(self) -> dict | None:
         if self.fmt is None:
@@ -76,6 +91,18 @@ class QuantSpec:
                     "scale_dtype": str(self.fmt.scale_dtype).removeprefix("torch.")}
         return {"format": "float", "element": str(self.fmt.element), "scale": str(self.fmt.scale),
                 "rounding": self.fmt.rounding, "tensor_scale": self.fmt.tensor_scale, **gran}
+
+
+# What a spec's granularity is when the id names none, per role. Activations and the KV cache are quantized
+# dynamically, a scale per row: per token for linear inputs, per token and head for K and V (the rows of the
+# [tokens x heads, head_dim] view), as QuaRot and SmoothQuant's per-token setting do.
+DEFAULT_GRAN: dict[str, Granularity] = {"w": PerChannel(), "a": PerToken(), "kv": PerToken()}
+ROLE_NAMES = {"w": "weight", "a": "activation", "kv": "KV-cache"}
+
+
+def _role_gran(preset_gran: Granularity, role_default: Granularity) -> Granularity:
+    """A float preset's granularity in a role: a per-row preset (fp8) is per token for activations and KV."""
+    return role_default if isinstance(preset_gran, PerChannel) else preset_gran
 
 
 def _gran_token(gran: Granularity, default: Granularity) -> str:
@@ -126,6 +153,8 @@ class Recipe:
     weight: QuantSpec
     transforms: tuple[Step, ...] = ()
     calibration: Calibration = field(default_factory=Calibration)
+    act: QuantSpec | None = None  # linear inputs, fake-quantized dynamically; None: not quantized (no hook)
+    kv: QuantSpec | None = None  # K after RoPE and V as attention stores them; None: not quantized
 
     @property
     def method(self) -> str:
@@ -146,12 +175,17 @@ class Recipe:
     def needs_calibration(self) -> bool:
         from .mitigation import METHODS
 
-        return bool(self.transforms) or any(METHODS[s.name].needs_calibration for s in self.steps)
+        from .transforms import TRANSFORMS
+
+        return (any(TRANSFORMS[t.name].needs_calibration for t in self.transforms)
+                or any(METHODS[s.name].needs_calibration for s in self.steps))
 
     def __str__(self) -> str:
         head = "+".join(map(str, (*self.transforms, *self.steps)))
         calib = f"@{self.calibration}" if self.calibration != Calibration() else ""
-        return f"{head}-{self.weight}{calib}"
+        act = self.act.token("a") if self.act is not None else ""
+        kv = self.kv.token("kv") if self.kv is not None else ""
+        return f"{head}-{self.weight}{act}{kv}{calib}"
 
     def to_dict(self) -> dict:
         return {
@@ -161,6 +195,9 @@ class Recipe:
             "transforms": [s.to_dict() for s in self.transforms],
             "weight": self.weight.to_dict(),
             "calibration": asdict(self.calibration),
+            # only when present, so weight-only recipes keep the dicts their baselines were recorded with
+            **({"act": self.act.to_dict() or "16-bit"} if self.act is not None else {}),
+            **({"kv": self.kv.to_dict() or "16-bit"} if self.kv is not None else {}),
         }
 
     @classmethod
@@ -171,8 +208,14 @@ class Recipe:
         return recipe
 
 
-_WEIGHT = re.compile(r"w(?:(?P<bits>\d+)|(?P<float>[a-z]+\d[a-z0-9]*?))(?:g(?P<group>\d+)|(?P<pt>pt)|(?P<pc>pc))?"
-                     r"(?P<sym>sym)?(?P<options>(?:\.[a-z0-9]+)*)")
+def _spec_pattern(role: str) -> str:
+    """One role's format in an id: ``<role><bits>|<role><float>``, then granularity, sym and float options."""
+    g = role
+    return (rf"{role}(?:(?P<{g}bits>\d+)|(?P<{g}float>[a-z]+\d[a-z0-9]*?))"
+            rf"(?:g(?P<{g}group>\d+)|(?P<{g}pt>pt)|(?P<{g}pc>pc))?(?P<{g}sym>sym)?(?P<{g}options>(?:\.[a-z0-9]+?)*)")
+
+
+_FORMATS = re.compile(f"{_spec_pattern('w')}(?:{_spec_pattern('a')})?(?:{_spec_pattern('kv')})?")
 _STEP = re.compile(r"(?P<name>[a-z][a-z_]*?)(?P<arg>\d+)?(?P<flags>(?:\.[a-z0-9]+)*)")
 _CALIB = re.compile(r"(?P<dataset>[a-z0-9]+)\.(?P<n>\d+)x(?P<seqlen>\d+)\.s(?P<seed>\d+)")
 WEIGHT_BITS = (*IntFormat.VALID_BITS, 16)
@@ -196,9 +239,16 @@ def parse(recipe_id: str) -> Recipe:
     if not sep:
         raise RecipeError(f"recipe {recipe_id!r} has no weight format; expected e.g. 'rtn-w4g128'")
     transforms, steps = _parse_steps(head, recipe_id)
-    recipe = Recipe(steps, _parse_weight(weight, recipe_id), transforms, _parse_calibration(calib, recipe_id))
+    w, a, kv = _parse_formats(weight, recipe_id)
+    recipe = Recipe(steps, w, transforms, _parse_calibration(calib, recipe_id), a, kv)
     for step in recipe.steps:
         _check_format(step, recipe.weight, recipe_id)
+    from .transforms import TRANSFORMS
+
+    for step in recipe.transforms:
+        reason = getattr(TRANSFORMS[step.name], "unsupported", lambda recipe: None)(recipe)
+        if reason:
+            raise RecipeError(f"transform {str(step)!r} in recipe {recipe_id!r} cannot work here: {reason}")
     return recipe
 
 
@@ -254,38 +304,56 @@ def _check(name: str, valid: list[str], what: str, recipe_id: str) -> None:
         raise RecipeError(f"unknown {what} {name!r} in recipe {recipe_id!r}; known {what}s: {', '.join(valid) or '(none yet)'}")
 
 
-def _parse_weight(text: str, recipe_id: str) -> QuantSpec:
-    m = _WEIGHT.fullmatch(text)
+def _parse_formats(text: str, recipe_id: str) -> tuple[QuantSpec, QuantSpec | None, QuantSpec | None]:
+    m = _FORMATS.fullmatch(text)
     if not m:
         raise RecipeError(
-            f"bad weight format {text!r} in recipe {recipe_id!r}; expected w<bits>[g<n>|pt|pc][sym] with bits one "
-            f"of {', '.join(map(str, WEIGHT_BITS))}, or w<float>[g<n>|pt|pc][.<option>]* with float one of "
-            f"{', '.join(FLOAT_PRESETS)}; e.g. w4g128, w8sym, w16, wmxfp4, wnvfp4, wfp8pt, wmxfp4.ceil"
+            f"bad format {text!r} in recipe {recipe_id!r}; expected w<spec>[a<spec>][kv<spec>] (weights, then "
+            f"optionally linear inputs and the KV cache), each spec <bits>[g<n>|pt|pc][sym] with bits one of "
+            f"{', '.join(map(str, WEIGHT_BITS))}, or <float>[g<n>|pt|pc][.<option>]* with float one of "
+            f"{', '.join(FLOAT_PRESETS)}; e.g. w4g128, w8sym, w16, wmxfp4, wnvfp4, wfp8pt, w4a4kv4, w8a8, w4a8kv4g64"
         )
-    if m["float"]:
-        return _parse_float(m, text, recipe_id)
-    if m["options"]:
-        raise RecipeError(f"INT weight format {text!r} in recipe {recipe_id!r} takes no options "
-                          f"({m['options']!r}); options belong to float formats: {', '.join(FLOAT_PRESETS)}")
-    bits = int(m["bits"])
+    specs = [_parse_spec(m, role, recipe_id) if m[f"{role}bits"] or m[f"{role}float"] else None
+             for role in ("w", "a", "kv")]
+    for role, spec in zip(("a", "kv"), specs[1:]):
+        if spec is not None and spec.fmt is not None and not isinstance(spec.gran, (PerToken, PerGroup)):
+            raise RecipeError(f"{ROLE_NAMES[role]} format {spec.token(role)!r} in recipe {recipe_id!r}: "
+                              f"{ROLE_NAMES[role]} scales are dynamic, one per row (the default) or per group "
+                              f"(g<n>); {spec.gran} scales are not supported")
+    return specs[0], specs[1], specs[2]
+
+
+def _parse_spec(m: re.Match, role: str, recipe_id: str) -> QuantSpec:
+    text = m.group(0)
+    if m[f"{role}float"]:
+        return _parse_float(m, role, text, recipe_id)
+    if m[f"{role}options"]:
+        raise RecipeError(f"INT {ROLE_NAMES[role]} format in {text!r} of recipe {recipe_id!r} takes no options "
+                          f"({m[role + 'options']!r}); options belong to float formats: {', '.join(FLOAT_PRESETS)}")
+    bits = int(m[f"{role}bits"])
     if bits not in WEIGHT_BITS:
-        raise RecipeError(f"weight bits {bits} in recipe {recipe_id!r} not supported; valid: {', '.join(map(str, WEIGHT_BITS))}")
+        raise RecipeError(f"{ROLE_NAMES[role]} bits {bits} in recipe {recipe_id!r} not supported; "
+                          f"valid: {', '.join(map(str, WEIGHT_BITS))}")
     if bits == 16:
-        if m["group"] or m["pt"] or m["pc"] or m["sym"]:
-            raise RecipeError(f"w16 is unquantized and takes no granularity or symmetry, got {text!r}")
+        if any(m[f"{role}{k}"] for k in ("group", "pt", "pc", "sym")):
+            raise RecipeError(f"{role}16 is unquantized and takes no granularity or symmetry, got {text!r}")
         return QuantSpec(None)
-    return QuantSpec(IntFormat(bits, symmetric=bool(m["sym"])), _gran(m, PerChannel()))
+    # dynamic scales are computed and applied on the fly in fp32, as activation kernels do (act_quant.py)
+    scale_dtype = torch.float16 if role == "w" else torch.float32
+    return QuantSpec(IntFormat(bits, symmetric=bool(m[f"{role}sym"]), scale_dtype=scale_dtype),
+                     _gran(m, role, DEFAULT_GRAN[role]))
 
 
-def _parse_float(m: re.Match, text: str, recipe_id: str) -> QuantSpec:
-    if m["float"] not in FLOAT_PRESETS:
-        raise RecipeError(f"unknown float format {m['float']!r} in recipe {recipe_id!r}; "
+def _parse_float(m: re.Match, role: str, text: str, recipe_id: str) -> QuantSpec:
+    name = m[f"{role}float"]
+    if name not in FLOAT_PRESETS:
+        raise RecipeError(f"unknown float format {name!r} in recipe {recipe_id!r}; "
                           f"valid: {', '.join(FLOAT_PRESETS)}")
-    if m["sym"]:
+    if m[f"{role}sym"]:
         raise RecipeError(f"float format {text!r} in recipe {recipe_id!r}: 'sym' is for INT formats (floats are "
                           f"symmetric already)")
-    fmt, default_gran = FLOAT_PRESETS[m["float"]]
-    for option in filter(None, m["options"].split(".")):
+    fmt, preset_gran = FLOAT_PRESETS[name]
+    for option in filter(None, m[f"{role}options"].split(".")):
         if option in SCALES:
             fmt = replace(fmt, scale=SCALES[option])
         elif option in ROUNDINGS:
@@ -293,11 +361,13 @@ def _parse_float(m: re.Match, text: str, recipe_id: str) -> QuantSpec:
         else:
             raise RecipeError(f"unknown option {option!r} of {text!r} in recipe {recipe_id!r}; valid: scale formats "
                               f"{', '.join(SCALES)}, roundings {', '.join(ROUNDINGS)}")
-    return QuantSpec(fmt, _gran(m, default_gran))
+    return QuantSpec(fmt, _gran(m, role, _role_gran(preset_gran, DEFAULT_GRAN[role])))
 
 
-def _gran(m: re.Match, default: Granularity) -> Granularity:
-    return PerGroup(int(m["group"])) if m["group"] else PerTensor() if m["pt"] else PerChannel() if m["pc"] else default
+def _gran(m: re.Match, role: str, default: Granularity) -> Granularity:
+    if m[f"{role}group"]:
+        return PerGroup(int(m[f"{role}group"]))
+    return PerTensor() if m[f"{role}pt"] else PerChannel() if m[f"{role}pc"] else default
 
 
 def _parse_calibration(text: str, recipe_id: str) -> Calibration:

@@ -12,9 +12,9 @@ from ptqsuite.hadamard import (BASES, GOETHALS_SEIDEL_ROWS, base, factors, fwht,
                                supported, sylvester)
 
 ORDERS = [*BASES, 40]  # every base, and 40 (= 20·2)
-NAMED = [172, 576, 1536, 11008, 14336]  # widths of LLMs: 11008 = 172·64, 14336 = 28·512, 576 = 36·16
+NAMED = [172, 576, 1536, 11008, 14336, 18944]  # LLM widths: 11008 = 172·64, 14336 = 28·512, 576 = 36·16, 18944 = 148·128
 POWERS = [1, 2, 4, 16, 128, 1024, 2048]
-SYMMETRIC = {1, 36, 52}  # Sylvester and Paley II bases; Paley I (I + skew) and Goethals–Seidel ones are not
+SYMMETRIC = {1, 36, 52, 148}  # Sylvester and Paley II bases; Paley I (I + skew) and Goethals–Seidel ones are not
 FULL_GRAM = 2048  # above this order, H Hᵀ = n·I is checked by Freivalds' test (O(n²) instead of O(n³))
 UNSUPPORTED = [3, 6, 7, 14, 44, 100, 0, -4]  # odd parts 3, 7 below their base, 11 and 25 no base, n < 1
 
@@ -128,7 +128,7 @@ def test_random_hadamard_is_orthogonal_and_seeded(n):
 @pytest.mark.parametrize("n", UNSUPPORTED)
 def test_unsupported_orders_raise(n):
     assert not supported(n)
-    valid_forms = r"k·2\^m.*\(1, 12, 20, 28, 36, 52, 60, 108, 140, 156, 172\).*40"
+    valid_forms = r"k·2\^m.*\(1, 12, 20, 28, 36, 52, 60, 108, 140, 148, 156, 172\).*40"
     with pytest.raises(ValueError, match=rf"order {n}\b.*{valid_forms}"):
         hadamard(n)
     if n > 0:

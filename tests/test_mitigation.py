@@ -174,7 +174,7 @@ def test_steps_parse_into_roles_in_order():
     ("clip21+rtn-w4", r"clip's steps must be 1..20, got 21"),
     ("lwc+rtn-wmxfp4", r"LWC learns the ends of INT ranges"),
     ("gptq-w4pt", r"per-tensor scale"),
-    ("awq+rtn-w4", r"unknown step 'awq'.*known methods: clip, gptq, lrc, lwc, rtn"),
+    ("omniquant+rtn-w4", r"unknown step 'omniquant'.*known methods: clip, gptq, lrc, lwc, rtn; known transforms: awq, quarot"),
 ])
 def test_bad_step_combinations_name_the_rule(bad, message):
     with pytest.raises(RecipeError, match=message):
