@@ -62,26 +62,21 @@ def capture(model, arch: Arch, calibration: torch.Tensor, device: torch.device, 
     return inputs, kwargs
 
 
-def walk(model, arch: Arch, calibration: torch.Tensor, device: torch.device) -> Iterator[tuple]:
-    """Yields ``(index, block, inputs, kwargs)`` with the block on ``device``; when the consumer asks for the next
-    block, this one's outputs (from the block as the consumer left it) become the next inputs and it goes home."""
+def walk(model, arch: Arch, calibration: torch.Tensor, device: torch.device, watch: tuple[str, ...] = (),
+         on_call=None) -> Iterator[tuple[int, torch.nn.Module]]:
+    """Yields ``(index, block)`` with the block on ``device`` after it turned its calibration inputs into the next
+    block's, one forward per block; during it, ``on_call(index, name, args, kwargs)`` saw every call of each
+    submodule named in ``watch``. The consumer must leave the block computing what it did."""
     inputs, kwargs = capture(model, arch, calibration, device, chunk_size(arch, model, calibration.shape[1]))
     for b, block in enumerate(arch.block_list(model)):
         home = next(block.parameters()).device
         block.to(device)
-        yield b, block, inputs, kwargs
-        inputs = [forward(block, x, kw) for x, kw in zip(inputs, kwargs)]
+        handles = [block.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, kw, name=name, b=b: on_call(b, name, args, kw), with_kwargs=True) for name in watch]
+        try:
+            inputs = [forward(block, x, kw) for x, kw in zip(inputs, kwargs)]
+        finally:
+            for h in handles:
+                h.remove()
+        yield b, block
         block.to(home)
-
-
-def observe(block, inputs: list, kwargs: list, names: list[str], on_call) -> None:
-    """Run the block over every micro-batch; each time a submodule named in ``names`` is called,
-    ``on_call(name, args, kwargs)`` sees what it was called with."""
-    handles = [block.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, kw, name=name: on_call(name, args, kw), with_kwargs=True) for name in names]
-    try:
-        for x, kw in zip(inputs, kwargs):
-            forward(block, x, kw)
-    finally:
-        for h in handles:
-            h.remove()

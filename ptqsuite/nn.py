@@ -14,6 +14,7 @@ dtype. A layer moves them to the input's device (and dequantizes to its dtype) o
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import FloatFormat, IntFormat, QTensor
+from .hadamard import fwht
 from .formats.packing import pack_qtensor
 from .granularity import Granularity
 
@@ -128,8 +130,6 @@ def fake_dynamic(x: torch.Tensor, spec) -> torch.Tensor:
 def rotate_online(x: torch.Tensor) -> torch.Tensor:
     """``x ↦ x Hᵀ/√n`` along the last dim (H = hadamard(n)): the Triton kernel on CUDA when it is installed and
     no gradient is needed, else the torch reference (float64, differentiable)."""
-    from .hadamard import fwht
-
     if x.is_cuda and not x.requires_grad:
         kernel = _hadamard_kernel()
         if kernel is not None:
@@ -137,6 +137,7 @@ def rotate_online(x: torch.Tensor) -> torch.Tensor:
     return fwht(x)
 
 
+@functools.cache  # looked up once: this is on every online-rotated linear's forward
 def _hadamard_kernel():
     try:
         from ptqsuite_kernels.hadamard import kernel
@@ -209,6 +210,7 @@ def attention_quant(model: torch.nn.Module, attention: torch.nn.Module) -> Atten
     return attention.ptq_attention
 
 
+@functools.cache  # one registration per wrapped implementation, however many models are quantized
 def _register_attention(inner: str) -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -226,3 +228,14 @@ def _register_attention(inner: str) -> str:
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
     return name
+
+
+def quantize_io(model: torch.nn.Module, arch, act, kv) -> None:
+    """Fake-quantize every quantizable linear's input by ``act`` and every attention's K and V by ``kv`` (recipe
+    QuantSpecs; None leaves that path as it is)."""
+    if act is not None:
+        for _, linear in arch.quantizable(model):
+            linear_input(linear).spec = act
+    if kv is not None:
+        for block in arch.block_list(model):
+            attention_quant(model, block.get_submodule(arch.attention)).spec = kv

@@ -31,7 +31,7 @@ from .blockwise import Stop, capture, chunk_size, forward
 from .granularity import PerTensor
 from .mitigation import METHODS
 from .mitigation.stats import Hessian
-from .nn import attention_quant, linear_input
+from .nn import quantize_io
 from .recipe import Recipe
 from .transforms import TRANSFORMS
 
@@ -72,6 +72,11 @@ class _Plan:
         return getattr(self.solve[1], "true_sequential", True)
 
     @property
+    def calibrated(self) -> bool:
+        """Whether any mitigation step reads calibration data (the transforms may, on their own)."""
+        return any(step[0].needs_calibration for step in (self.clip, self.solve, self.compensate) if step)
+
+    @property
     def needs_stats(self) -> bool:
         """Whether a per-linear step reads the layers' Hessians (``lwc+rtn`` needs calibration, but no Hessian)."""
         per_linear = [self.solve, self.compensate] + ([] if self.block_clip else [self.clip])
@@ -109,7 +114,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: to
     linears = arch.quantizable(model)
     if recipe.weight.fmt is None:
         bits = {name: 16.0 * linear.weight.numel() for name, linear in linears}
-    elif not any(step[0].needs_calibration for step in (plan.clip, plan.solve, plan.compensate) if step):
+    elif not plan.calibrated:
         bits = {}
         for i, (name, linear) in enumerate(linears):
             t = time.perf_counter()
@@ -119,7 +124,8 @@ def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: to
                 progress(i + 1, len(linears), name)
     else:
         bits = _sequential(model, arch, plan, calibration, device, timer, progress)
-    _quantize_io(model, arch, recipe)
+    # after the weights: calibration saw unquantized activations (online rotations included), as QuaRot's code does
+    quantize_io(model, arch, recipe.act, recipe.kv)
     qparams = sum(linear.weight.numel() for _, linear in linears)
     total_params = sum(p.numel() for p in model.parameters())
     total_bits = sum(bits.values())
@@ -141,17 +147,6 @@ def _transform(model, arch: Arch, recipe: Recipe, calibration, device, timer: _T
         states[str(step)] = state
         timer.add(f"transform.{step}", t)
     return states
-
-
-def _quantize_io(model, arch: Arch, recipe: Recipe) -> None:
-    """Switch on the recipe's activation and KV-cache quantization, after the weights: calibration saw the
-    unquantized activations (online rotations included), as QuaRot's and GPTQ's code calibrate."""
-    if recipe.act is not None:
-        for _, linear in arch.quantizable(model):
-            linear_input(linear).spec = recipe.act
-    if recipe.kv is not None:
-        for block in arch.block_list(model):
-            attention_quant(model, block.get_submodule(arch.attention)).spec = recipe.kv
 
 
 def _quantize_linear(linear: torch.nn.Linear, stats, plan: _Plan, clip) -> float:

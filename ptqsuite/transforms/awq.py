@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blockwise import observe, walk
+from ..blockwise import walk
 from ..mitigation import from_step
 from . import algebra
 
@@ -50,14 +50,26 @@ class State:
 def fit(model, arch, calibration, recipe, options: Options, device=None) -> State:
     scales, ratios, losses = {}, {}, {}
     device = device or next(model.parameters()).device
-    for b, block, inputs, kwargs in walk(model, arch, calibration, device):
-        groups = [g for g in arch.groups if algebra.migratable(block, g)]
-        means, calls = _record(block, inputs, kwargs, groups)
-        for g in groups:
-            x_mean, scope_calls = means[g.linears[0]], calls[_scope(g)]
-            s, r, loss = search(block, g, x_mean, scope_calls, recipe.weight, options.grid)
+    firsts, scopes = {g.linears[0] for g in arch.groups}, {_scope(g) for g in arch.groups}
+    watch = tuple(sorted(firsts | scopes))
+    sums, calls = {}, {}  # per watched linear: (sum |x| per channel, tokens); per watched module: its calls
+
+    def on_call(b, name, args, kw):
+        if name in firsts:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            total, n = sums.get(name, (0.0, 0))
+            sums[name] = (total + x.abs().sum(0), n + x.shape[0])
+        if name in scopes:
+            calls.setdefault(name, []).append((args, kw))
+
+    for b, block in walk(model, arch, calibration, device, watch, on_call):
+        for g in (g for g in arch.groups if algebra.migratable(block, g)):
+            total, n = sums[g.linears[0]]
+            s, r, loss = search(block, g, total / n, calls[_scope(g)], recipe.weight, options.grid)
             key = f"{b}.{g.source}"
             scales[key], ratios[key], losses[key] = s.float().cpu(), r, loss
+        sums.clear()
+        calls.clear()
     return State(scales, ratios, losses)
 
 
@@ -67,46 +79,27 @@ def _scope(group) -> str:
     return group.scope or group.linears[0]
 
 
-def _record(block, inputs, kwargs, groups) -> tuple[dict, dict]:
-    """Each group's input mean magnitude per channel (by its first linear's name), each scope's calls (by name)."""
-    sums, calls = {}, {}
-    firsts, scopes = {g.linears[0] for g in groups}, {_scope(g) for g in groups}
-
-    def on_call(name, args, kw):
-        if name in firsts:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            total, n = sums.get(name, (0.0, 0))
-            sums[name] = (total + x.abs().sum(0), n + x.shape[0])
-        if name in scopes:
-            calls.setdefault(name, []).append((args, kw))
-    observe(block, inputs, kwargs, sorted(firsts | scopes), on_call)
-    return {k: total / n for k, (total, n) in sums.items()}, calls
-
-
 def search(block, group, x_mean: torch.Tensor, calls: list, spec, grid: int = GRID):
     """The grid search for one group: returns (s, r, {"r=0": loss, "best": loss})."""
     scope = block.get_submodule(_scope(group))
     linears = [block.get_submodule(n) for n in group.linears]
-    originals = [linear.weight.data.clone() for linear in linears]
+    originals = [linear.weight.data for linear in linears]  # each candidate is a new tensor: no copy needed
     reference = [_out(scope(*a, **kw)) for a, kw in calls]
-    best = (float("inf"), None, None)
-    first = None
+    candidates, losses = [], []
     try:
         for i in range(grid):
-            r = i / grid
-            s = x_mean.pow(r).clamp(min=1e-4)
+            s = x_mean.pow(i / grid).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             for linear, W in zip(linears, originals):
                 linear.weight.data = _fake(W.float() * s, spec).div(s).to(W.dtype)
-            loss = sum(float((_out(scope(*a, **kw)).float() - ref.float()).pow(2).mean()) for (a, kw), ref
-                       in zip(calls, reference)) / len(calls)
-            first = loss if first is None else first
-            if loss < best[0]:
-                best = (loss, s, r)
+            candidates.append(s)
+            losses.append(sum(float((_out(scope(*a, **kw)).float() - ref.float()).pow(2).mean())
+                              for (a, kw), ref in zip(calls, reference)) / len(calls))
     finally:
         for linear, W in zip(linears, originals):
             linear.weight.data = W
-    return best[1], best[2], {"r=0": first, "best": best[0]}
+    best = min(range(grid), key=losses.__getitem__)  # the first of equal losses, as a strict < scan keeps
+    return candidates[best], best / grid, {"r=0": losses[0], "best": losses[best]}
 
 
 def _fake(W: torch.Tensor, spec) -> torch.Tensor:

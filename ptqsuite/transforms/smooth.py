@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blockwise import observe, walk
+from ..blockwise import walk
 from ..mitigation import from_step
 from . import algebra
 
@@ -46,15 +46,16 @@ class State:
 
 def input_absmax(model, arch, calibration, device) -> dict[str, torch.Tensor]:
     """Per norm-fed group, each input channel's largest magnitude over the calibration tokens."""
+    sources = {g.linears[0]: g.source for g in arch.norm_groups()}
     absmax = {}
-    for b, block, inputs, kwargs in walk(model, arch, calibration, device):
-        firsts = {g.linears[0]: f"{b}.{g.source}" for g in arch.norm_groups()}
 
-        def on_call(name, args, kw):
-            m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float().cpu()
-            key = firsts[name]
-            absmax[key] = torch.maximum(absmax[key], m) if key in absmax else m
-        observe(block, inputs, kwargs, list(firsts), on_call)
+    def on_call(b, name, args, kw):
+        m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float().cpu()
+        key = f"{b}.{sources[name]}"
+        absmax[key] = torch.maximum(absmax[key], m) if key in absmax else m
+
+    for _ in walk(model, arch, calibration, device, tuple(sources), on_call):
+        pass
     return absmax
 
 

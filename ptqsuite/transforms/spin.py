@@ -26,7 +26,7 @@ import torch
 from torch.func import functional_call
 
 from ..mitigation import from_step
-from ..nn import attention_quant, linear_input
+from ..nn import quantize_io
 from . import rotate
 
 ROLE = "transform"
@@ -100,12 +100,10 @@ def _rotated_but_r1(model, arch, recipe, head: torch.Tensor, device):
     """A copy of the model with QuaRot applied except R1 (norms folded, R2, R3, R4), on ``device``, quantizing its
     activations and KV cache as the recipe will."""
     work = copy.deepcopy(model).to(device)
-    hidden = work.config.hidden_size
-    rotate.apply(work, arch, rotate.State(torch.eye(hidden, dtype=torch.float64), head))
-    for _, linear in arch.quantizable(work):
-        linear_input(linear).spec = recipe.act
-    for block in arch.block_list(work):
-        attention_quant(work, block.get_submodule(arch.attention)).spec = recipe.kv
+    rotate.fold_norms(work, arch)
+    rotate.rotate_values(work, arch, head)
+    rotate.rotate_online(work, arch)
+    quantize_io(work, arch, recipe.act, recipe.kv)
     return work
 
 
