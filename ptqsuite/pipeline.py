@@ -27,11 +27,11 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .arch import Arch
-from .blockwise import Stop, capture, chunk_size, forward
+from .blockwise import Stop, capture, chunk_size, forward, walk
 from .granularity import PerTensor
 from .mitigation import METHODS
 from .mitigation.stats import Hessian
-from .nn import quantize_io
+from .activations import quantize_io
 from .recipe import Recipe
 from .transforms import TRANSFORMS
 
@@ -125,7 +125,11 @@ def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: to
     else:
         bits = _sequential(model, arch, plan, calibration, device, timer, progress)
     # after the weights: calibration saw unquantized activations (online rotations included), as QuaRot's code does
-    quantize_io(model, arch, recipe.act, recipe.kv)
+    static = quantize_io(model, arch, recipe.act, recipe.kv)
+    if static:
+        t = time.perf_counter()
+        _calibrate_static(model, arch, static, calibration, device)
+        timer.add("static_scales", t)
     qparams = sum(linear.weight.numel() for _, linear in linears)
     total_params = sum(p.numel() for p in model.parameters())
     total_bits = sum(bits.values())
@@ -134,6 +138,16 @@ def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: to
         model_bytes=round((total_bits + 16 * (total_params - qparams)) / 8),
         timings={k: round(v, 3) for k, v in timer.items()}, transforms=states,
     )
+
+
+def _calibrate_static(model, arch: Arch, quantizers: list, calibration: torch.Tensor, device) -> None:
+    """Fit static activation and KV scales: the calibration set runs through the weight-quantized model (block by
+    block, as calibration does) with every static quantizer observing its input's range and passing it on
+    unquantized (dynamic ones quantize as they will), then each freezes its range into scales."""
+    for _ in walk(model, arch, calibration, device):
+        pass
+    for quantizer in quantizers:
+        quantizer.freeze()
 
 
 def _transform(model, arch: Arch, recipe: Recipe, calibration, device, timer: _Timer) -> dict:

@@ -60,10 +60,28 @@ class QuantSpec:
 
     fmt: Format | None
     gran: Granularity = PerChannel()
+    keep: tuple[tuple[str, int], ...] = ()  # activations only: (linear name, bits) whose inputs stay more precise
 
     @property
     def bits(self) -> int:
         return self.fmt.bits if self.fmt else 16
+
+    @property
+    def static(self) -> bool:
+        """Activations and KV: one scale per tensor, fitted on calibration data (not computed per row at run time)."""
+        return self.fmt is not None and isinstance(self.gran, PerTensor)
+
+    def for_layer(self, name: str) -> "QuantSpec":
+        """The spec for the linear called ``name`` (its last path component): a kept one gets its own bits, INT of
+        the same symmetry and granularity (a float spec: FP8 at 8 bits), or 16: not quantized."""
+        bits = dict(self.keep).get(name)
+        if bits is None:
+            return replace(self, keep=()) if self.keep else self
+        if bits == 16:
+            return QuantSpec(None)
+        if isinstance(self.fmt, IntFormat):
+            return QuantSpec(replace(self.fmt, bits=bits), self.gran)
+        return QuantSpec(FP8, self.gran if isinstance(self.gran, PerTensor) else DEFAULT_GRAN["a"])
 
     def __str__(self) -> str:
         return self.token("w")
@@ -73,19 +91,21 @@ class QuantSpec:
         if self.fmt is None:
             return f"{role}16"
         default = DEFAULT_GRAN[role]
+        keep = "".join(f".{name}{bits}" for name, bits in self.keep)
         if isinstance(self.fmt, IntFormat):
-            return f"{role}{self.fmt.bits}{_gran_token(self.gran, default)}{'sym' if self.fmt.symmetric else ''}"
+            return f"{role}{self.fmt.bits}{_gran_token(self.gran, default)}{'sym' if self.fmt.symmetric else ''}{keep}"
         name = _preset_of(self.fmt)
         preset, preset_gran = FLOAT_PRESETS[name]
         options = [str(self.fmt.scale)] if self.fmt.scale != preset.scale else []
         options += [self.fmt.rounding] if self.fmt.rounding != preset.rounding else []
         return (f"{role}{name}{_gran_token(self.gran, _role_gran(preset_gran, default))}"
-                + "".join(f".{o}" for o in options))
+                + "".join(f".{o}" for o in options) + keep)
 
     def to_dict(self) -> dict | None:
         if self.fmt is None:
             return None
-        gran = {"granularity": str(self.gran)}
+        # keep only when present, so the dicts that keyed earlier baselines do not change
+        gran = {"granularity": str(self.gran), **({"keep": dict(self.keep)} if self.keep else {})}
         if isinstance(self.fmt, IntFormat):
             return {"format": "int", "bits": self.fmt.bits, "symmetric": self.fmt.symmetric, **gran,
                     "scale_dtype": str(self.fmt.scale_dtype).removeprefix("torch.")}
@@ -178,7 +198,8 @@ class Recipe:
         from .transforms import TRANSFORMS
 
         return (any(TRANSFORMS[t.name].needs_calibration for t in self.transforms)
-                or any(METHODS[s.name].needs_calibration for s in self.steps))
+                or any(METHODS[s.name].needs_calibration for s in self.steps)
+                or any(spec is not None and spec.static for spec in (self.act, self.kv)))
 
     def __str__(self) -> str:
         head = "+".join(map(str, (*self.transforms, *self.steps)))
@@ -212,7 +233,7 @@ def _spec_pattern(role: str) -> str:
     """One role's format in an id: ``<role><bits>|<role><float>``, then granularity, sym and float options."""
     g = role
     return (rf"{role}(?:(?P<{g}bits>\d+)|(?P<{g}float>[a-z]+\d[a-z0-9]*?))"
-            rf"(?:g(?P<{g}group>\d+)|(?P<{g}pt>pt)|(?P<{g}pc>pc))?(?P<{g}sym>sym)?(?P<{g}options>(?:\.[a-z0-9]+?)*)")
+            rf"(?:g(?P<{g}group>\d+)|(?P<{g}pt>pt)|(?P<{g}pc>pc))?(?P<{g}sym>sym)?(?P<{g}options>(?:\.[a-z0-9_]+?)*)")
 
 
 _FORMATS = re.compile(f"{_spec_pattern('w')}(?:{_spec_pattern('a')})?(?:{_spec_pattern('kv')})?")
@@ -316,32 +337,70 @@ def _parse_formats(text: str, recipe_id: str) -> tuple[QuantSpec, QuantSpec | No
     specs = [_parse_spec(m, role, recipe_id) if m[f"{role}bits"] or m[f"{role}float"] else None
              for role in ("w", "a", "kv")]
     for role, spec in zip(("a", "kv"), specs[1:]):
-        if spec is not None and spec.fmt is not None and not isinstance(spec.gran, (PerToken, PerGroup)):
-            raise RecipeError(f"{ROLE_NAMES[role]} format {spec.token(role)!r} in recipe {recipe_id!r}: "
-                              f"{ROLE_NAMES[role]} scales are dynamic, one per row (the default) or per group "
-                              f"(g<n>); {spec.gran} scales are not supported")
+        reason = _unsupported_gran(spec, role) if spec is not None and spec.fmt is not None else None
+        if reason:
+            raise RecipeError(f"{ROLE_NAMES[role]} format {spec.token(role)!r} in recipe {recipe_id!r}: {reason}")
     return specs[0], specs[1], specs[2]
+
+
+# What each granularity means for the run-time roles (nn.py implements them):
+# a:  per token (dynamic, the default), g<n> (dynamic groups within a token), pt (static: one calibrated scale)
+# kv: per token and head (dynamic), g<n> (groups within a head), pt (static, per layer for K and for V),
+#     pc (KIVI: K per channel over blocks of nn.KV_TOKEN_BLOCK tokens, the newest block unquantized; V per token)
+ROLE_GRANULARITIES = {"a": (PerToken, PerGroup, PerTensor), "kv": (PerToken, PerGroup, PerTensor, PerChannel)}
+
+
+def _unsupported_gran(spec: QuantSpec, role: str) -> str | None:
+    if type(spec.gran) not in ROLE_GRANULARITIES[role]:
+        return (f"{spec.gran} scales are not supported for {ROLE_NAMES[role]}s; valid: per token (the default), "
+                f"g<n>, pt (static, calibrated){', pc (per channel, KIVI)' if role == 'kv' else ''}")
+    if isinstance(spec.gran, (PerTensor, PerChannel)) and not isinstance(spec.gran, PerToken) \
+            and isinstance(spec.fmt, FloatFormat) and _preset_of(spec.fmt) not in ("fp8", "fp8e5m2"):
+        return f"{_preset_of(spec.fmt)} has its own block scales; {spec.gran} applies to INT and fp8 formats"
+    return None
+
+
+def _parse_keep(options: list[str], role: str, spec_bits: int, float_spec: bool, text: str, recipe_id: str):
+    """Options naming a linear and bits (``down_proj8``): that linear's input stays at those bits."""
+    keep = []
+    for option in options:
+        m = re.fullmatch(r"(?P<name>[a-z][a-z0-9_]*?)(?P<bits>\d+)", option)
+        if role != "a" or not m:
+            return None, option
+        bits = int(m["bits"])
+        if spec_bits >= 16:
+            raise RecipeError(f"{text!r} in recipe {recipe_id!r} is unquantized: it has no layers to keep ({option!r})")
+        valid = (8, 16) if float_spec else tuple(b for b in WEIGHT_BITS if b > spec_bits)
+        if bits not in valid:
+            raise RecipeError(f"option {option!r} of {text!r} in recipe {recipe_id!r} keeps {m['name']}'s inputs at "
+                              f"{bits} bits; a kept layer needs more bits than the rest: one of "
+                              f"{', '.join(map(str, valid))} (16: not quantized)")
+        keep.append((m["name"], bits))
+    return tuple(sorted(keep)), None
 
 
 def _parse_spec(m: re.Match, role: str, recipe_id: str) -> QuantSpec:
     text = m.group(0)
     if m[f"{role}float"]:
         return _parse_float(m, role, text, recipe_id)
-    if m[f"{role}options"]:
-        raise RecipeError(f"INT {ROLE_NAMES[role]} format in {text!r} of recipe {recipe_id!r} takes no options "
-                          f"({m[role + 'options']!r}); options belong to float formats: {', '.join(FLOAT_PRESETS)}")
     bits = int(m[f"{role}bits"])
+    keep, bad = _parse_keep(list(filter(None, m[f"{role}options"].split("."))), role, bits, False, text, recipe_id)
+    if bad:
+        raise RecipeError(f"INT {ROLE_NAMES[role]} format in {text!r} of recipe {recipe_id!r} takes no option "
+                          f"{bad!r}; options belong to float formats ({', '.join(FLOAT_PRESETS)}), and activation "
+                          f"formats take <linear><bits> to keep a layer's inputs more precise, e.g. a4.down_proj8")
     if bits not in WEIGHT_BITS:
         raise RecipeError(f"{ROLE_NAMES[role]} bits {bits} in recipe {recipe_id!r} not supported; "
                           f"valid: {', '.join(map(str, WEIGHT_BITS))}")
     if bits == 16:
-        if any(m[f"{role}{k}"] for k in ("group", "pt", "pc", "sym")):
-            raise RecipeError(f"{role}16 is unquantized and takes no granularity or symmetry, got {text!r}")
+        if any(m[f"{role}{k}"] for k in ("group", "pt", "pc", "sym")) or keep:
+            raise RecipeError(f"{role}16 is unquantized and takes no granularity, symmetry or kept layers, "
+                              f"got {text!r}")
         return QuantSpec(None)
     # dynamic scales are computed and applied on the fly in fp32, as activation kernels do (act_quant.py)
     scale_dtype = torch.float16 if role == "w" else torch.float32
     return QuantSpec(IntFormat(bits, symmetric=bool(m[f"{role}sym"]), scale_dtype=scale_dtype),
-                     _gran(m, role, DEFAULT_GRAN[role]))
+                     _gran(m, role, DEFAULT_GRAN[role]), keep)
 
 
 def _parse_float(m: re.Match, role: str, text: str, recipe_id: str) -> QuantSpec:
@@ -353,15 +412,20 @@ def _parse_float(m: re.Match, role: str, text: str, recipe_id: str) -> QuantSpec
         raise RecipeError(f"float format {text!r} in recipe {recipe_id!r}: 'sym' is for INT formats (floats are "
                           f"symmetric already)")
     fmt, preset_gran = FLOAT_PRESETS[name]
+    layers = []
     for option in filter(None, m[f"{role}options"].split(".")):
         if option in SCALES:
             fmt = replace(fmt, scale=SCALES[option])
         elif option in ROUNDINGS:
             fmt = replace(fmt, rounding=option)
+        elif _parse_keep([option], role, fmt.bits, True, text, recipe_id)[1] is None:
+            layers.append(option)
         else:
             raise RecipeError(f"unknown option {option!r} of {text!r} in recipe {recipe_id!r}; valid: scale formats "
-                              f"{', '.join(SCALES)}, roundings {', '.join(ROUNDINGS)}")
-    return QuantSpec(fmt, _gran(m, role, _role_gran(preset_gran, DEFAULT_GRAN[role])))
+                              f"{', '.join(SCALES)}, roundings {', '.join(ROUNDINGS)}"
+                              f"{', and <linear><bits> to keep a layer more precise (a4.down_proj8)' if role == 'a' else ''}")
+    keep, _ = _parse_keep(layers, role, fmt.bits, True, text, recipe_id)
+    return QuantSpec(fmt, _gran(m, role, _role_gran(preset_gran, DEFAULT_GRAN[role])), keep)
 
 
 def _gran(m: re.Match, role: str, default: Granularity) -> Granularity:

@@ -1,13 +1,12 @@
 """Pre-quantization transforms (ptqsuite/transforms/): function preservation on every supported architecture,
-orthogonality, what each search promises, and the activation / KV-cache fake-quantization path they serve."""
+orthogonality and what each search promises (the activation / KV-cache path they serve: test_activations.py)."""
 import copy
 
 import pytest
 import torch
 
-from ptqsuite import data, models, pipeline
+from ptqsuite import data, models
 from ptqsuite.arch import arch_of
-from ptqsuite.nn import LinearInput
 from ptqsuite.recipe import parse
 from ptqsuite.transforms import TRANSFORMS, rotate
 
@@ -82,7 +81,7 @@ def test_rotations_are_orthogonal(loaded, name):
 @pytest.mark.parametrize("n", [8, 64, 172, 576, 896])
 def test_online_hadamard_matches_its_weight_side(n):
     """What the online transform computes (fwht) is x R for the R rotate.py folds into the weight."""
-    from ptqsuite.nn import rotate_online
+    from ptqsuite.activations import rotate_online
 
     x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     assert torch.allclose(rotate_online(x), x @ rotate.normalized_hadamard(n), atol=1e-12, rtol=0)
@@ -91,52 +90,6 @@ def test_online_hadamard_matches_its_weight_side(n):
 @pytest.fixture(scope="module")
 def stories():
     return models.load(models.get("stories260k"), "cpu", torch.float32)
-
-
-def quantized(loaded, recipe_id, calib=None):
-    model = copy.deepcopy(loaded.model)
-    report = pipeline.quantize(model, parse(recipe_id), arch_of(model), calib)
-    return model, report
-
-
-@pytest.mark.parametrize("recipe", ["rtn-w16a16kv16", "quarot+rtn-w16a16kv16"])
-def test_16_bit_activations_and_kv_are_the_identity(stories, recipe):
-    """a16/kv16 install the hooks (and the attention wrapper) and change nothing, bit for bit."""
-    x = ids(stories)
-    hooked, _ = quantized(stories, recipe)
-    plain, _ = quantized(stories, recipe.replace("a16kv16", ""))
-    assert sum(isinstance(m, LinearInput) for m in hooked.modules()) == len(arch_of(hooked).quantizable(hooked))
-    assert hooked.config._attn_implementation.startswith("ptqsuite_")
-    with torch.no_grad():
-        assert torch.equal(hooked(x).logits, plain(x).logits)
-
-
-def test_kv_cache_values_are_quantized_once_per_token(stories):
-    """Decoding with the cache gives the logits one full forward gives: K and V are quantized per token and head,
-    so each token's stored value is the same whenever it is quantized."""
-    model, _ = quantized(stories, "rtn-w16kv4")
-    x = ids(stories, n=1, seqlen=40)
-    with torch.no_grad():
-        full = model(x).logits[:, -1]
-        past = model(x[:, :-1], use_cache=True).past_key_values
-        step = model(x[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
-        fp = stories.model(x).logits[:, -1]
-    assert torch.allclose(step, full, atol=1e-4, rtol=0)
-    assert not torch.allclose(full, fp, atol=1e-2), "kv4 changed nothing"
-
-
-def test_activation_quantization_reaches_every_linear(stories):
-    """With a4 every quantizable linear's input is on a per-token 4-bit grid: at most 16 distinct values a row."""
-    model, _ = quantized(stories, "rtn-w16a4")
-    distinct = {}
-    for name, linear in arch_of(model).quantizable(model):
-        linear.register_forward_hook(
-            lambda m, args, out, name=name: distinct.__setitem__(name, max(len(r.unique()) for r in
-                                                                            m.ptq_input(args[0]).reshape(-1, args[0].shape[-1]))))
-    with torch.no_grad():
-        model(ids(stories))
-    assert len(distinct) == len(arch_of(model).quantizable(model))
-    assert max(distinct.values()) <= 16, distinct
 
 
 def test_awq_never_loses_to_no_scaling(stories):

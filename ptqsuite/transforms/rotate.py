@@ -26,7 +26,7 @@ import torch
 
 from ..hadamard import hadamard, random_hadamard
 from ..mitigation import from_step
-from ..nn import attention_quant, linear_input
+from ..activations import attention_quant, linear_input
 from . import algebra
 
 ROLE = "transform"

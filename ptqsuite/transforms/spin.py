@@ -26,7 +26,7 @@ import torch
 from torch.func import functional_call
 
 from ..mitigation import from_step
-from ..nn import quantize_io
+from ..activations import dynamic, quantize_io
 from . import rotate
 
 ROLE = "transform"
@@ -103,7 +103,7 @@ def _rotated_but_r1(model, arch, recipe, head: torch.Tensor, device):
     rotate.fold_norms(work, arch)
     rotate.rotate_values(work, arch, head)
     rotate.rotate_online(work, arch)
-    quantize_io(work, arch, recipe.act, recipe.kv)
+    quantize_io(work, arch, dynamic(recipe.act), dynamic(recipe.kv))
     return work
 
 
