@@ -8,10 +8,12 @@
 # transforms: benchmarks/bench_transforms.py on a Llama-3-8B-shaped model (QuaRot, SmoothQuant, AWQ, SpinQuant)
 #           and tests/test_transforms.py
 # accuracy: the full tier for the models that travel (stories260k, llama3-tiny-random) on cuda, recording baselines
-# Wheels the machine lacks (syrupy) travel in .whl/ and are installed to a private target.
+# zeroshot: benchmarks/bench_zeroshot.py on a random-init SmolLM2-135M (its weights do not travel): examples/s
+# Wheels the machine lacks (syrupy; lm-eval and its pure-Python needs) travel in .whl/ (and .whl/*/) and are
+# installed to a private target.
 set -u
 what=$1; out=$2; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1; fi
+if ls .whl/*.whl >/dev/null 2>&1; then pip install -q --no-deps --target /tmp/site $(ls .whl/*.whl .whl/*/*.whl 2>/dev/null) >/dev/null 2>&1; fi
 export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels
 pytest="python -m pytest -p ptqsuite.plugin -p no:cacheprovider"  # a variable, not a function: `timeout` runs it
 case $what in
@@ -42,5 +44,8 @@ case $what in
     timeout 540 $pytest -q tests/test_accuracy.py --tier full --models stories260k,llama3-tiny-random --device cuda \
       --snapshot-update --durations=50 > "$out/accuracy.txt" 2>&1; echo "exit $?" >> "$out/accuracy.txt"
     tar czf "$out/baselines.tgz" baselines/cuda-* ;;
-  *) echo "unknown step $what; valid: tests, bench, gptq, transforms, accuracy"; exit 2 ;;
+  zeroshot)
+    timeout 300 python benchmarks/bench_zeroshot.py --model smollm2-135m --random-init --device cuda --n 1000 \
+      > "$out/bench_zeroshot_h200.md" 2>&1; echo "exit $?" >> "$out/bench_zeroshot_h200.md" ;;
+  *) echo "unknown step $what; valid: tests, bench, gptq, transforms, accuracy, zeroshot"; exit 2 ;;
 esac

@@ -18,6 +18,17 @@ that produced them, and the environment. ``compare`` decides pass/fail:
   noise is relatively larger: 10× the perplexity tolerance, plus an absolute floor (``KLD_FLOOR``) for
   near-lossless formats whose KL is itself at the noise level.
   ``bits_per_weight`` is exact arithmetic: it must match to 1e-9.
+* Accuracies (zero-shot tasks, long-context retrieval) are means over a sample of examples, and a code change that
+  moves a few logits legitimately flips a few borderline examples either way. Each accuracy metric stores its
+  per-example correctness (``correct``: a '0'/'1' string in the protocol's fixed example order), and the rule is
+  the exact McNemar test, paired on those examples: of the ``d`` examples whose correctness differs from the
+  baseline's, ``b`` went right -> wrong and ``c`` wrong -> right; under "no change in accuracy" each flip goes
+  either way with probability 1/2, so the two-sided p-value is ``min(1, 2 · P[Binomial(d, 1/2) >= max(b, c)])``.
+  A difference fails when ``p < ACCURACY_ALPHA`` (0.01 per metric): a drop (or a gain: re-record on purpose)
+  larger than the sample explains. The message gives both accuracies, n, b and c, p, and the bound: how many of
+  the d flips may go one way before it fails. The evaluation is deterministic on a machine, so a rerun flips
+  nothing (d = 0, p = 1) and the rule cannot be flaky; on other hardware, rounding flips a handful of
+  near-ties both ways, which this absorbs where a fixed tolerance on the mean would not.
 * Environment (library versions, threads): differences are reported, never failed on.
 """
 from __future__ import annotations
@@ -34,6 +45,7 @@ from .paths import atomic_write_text
 RELATIVE_TOLERANCE = {"fp32": 1e-3, "bf16": 1e-2, "fp16": 1e-2}
 KLD_FLOOR = {"fp32": 1e-6, "bf16": 1e-3, "fp16": 1e-4}  # nats
 EXACT = 1e-9
+ACCURACY_ALPHA = 0.01
 
 
 class CorruptBaseline(Exception):
@@ -91,6 +103,9 @@ def _compare_metrics(label: str, was: dict, now: dict, device_class: str, v: Ver
         if name not in now or name not in was:
             v.fail(f"{label}metric {name}: {'missing from this run' if name in was else 'not in the baseline'}")
             continue
+        if "correct" in now[name] or "correct" in was[name]:
+            _compare_accuracy(label + name, was[name], now[name], v)
+            continue
         b, m = was[name]["value"], now[name]["value"]
         rel, absolute = tolerance(name, device_class)
         delta = m - b
@@ -100,8 +115,46 @@ def _compare_metrics(label: str, was: dict, now: dict, device_class: str, v: Ver
                    f"({delta / b if b else math.inf:+.3%}), tolerance ±{rel:.3%} relative{floor}: {_direction(name, delta)}")
 
 
+def mcnemar(baseline: str, measured: str) -> tuple[int, int, float]:
+    """Right -> wrong flips ``b``, wrong -> right flips ``c`` and the exact two-sided McNemar p-value."""
+    b = sum(x == "1" and y == "0" for x, y in zip(baseline, measured))
+    c = sum(x == "0" and y == "1" for x, y in zip(baseline, measured))
+    return b, c, _two_sided(b, c)
+
+
+def _two_sided(b: int, c: int) -> float:
+    d = b + c
+    tail = sum(math.comb(d, k) for k in range(max(b, c), d + 1)) / 2.0 ** d
+    return min(1.0, 2 * tail)
+
+
+def flip_bound(d: int, alpha: float = ACCURACY_ALPHA) -> int | None:
+    """The most of ``d`` flips that may go one way and still pass (None: any split passes)."""
+    for k in range(d, (d + 1) // 2 - 1, -1):
+        if _two_sided(k, d - k) >= alpha:
+            return k if k < d else None
+    return None
+
+
+def _compare_accuracy(name: str, was: dict, now: dict, v: Verdict) -> None:
+    """The paired rule of the module docstring; a record of another length or without examples fails as a
+    protocol change."""
+    if len(was.get("correct", "")) != len(now.get("correct", "")) or was.get("n") != now.get("n"):
+        v.fail(f"{name}: the baseline scored {was.get('n')} examples, this run {now.get('n')}: not comparable, "
+               f"re-record with --snapshot-update")
+        return
+    b, c, p = mcnemar(was["correct"], now["correct"])
+    if p >= ACCURACY_ALPHA:
+        return
+    n, d, bound = now["n"], b + c, flip_bound(b + c)
+    worse = "WORSE than baseline" if b > c else "better than baseline: if intended, re-record and say why"
+    v.fail(f"{name}: baseline {was['value']:.4f}, measured {now['value']:.4f} (n={n}); {b} examples went right -> "
+           f"wrong and {c} wrong -> right; exact McNemar p={p:.2g} < {ACCURACY_ALPHA}: more than sampling explains "
+           f"(of {d} flips at most {bound} may go one way): {worse}")
+
+
 def _direction(name: str, delta: float) -> str:
-    if name.endswith((".ppl", ".kld")):
+    if name.endswith((".ppl", ".kld", ".perplexity")):
         return "WORSE than baseline" if delta > 0 else "better than baseline: if intended, re-record and say why"
     if name.endswith(".recovery"):
         return "WORSE than baseline" if delta < 0 else "better than baseline: if intended, re-record and say why"

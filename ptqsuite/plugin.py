@@ -74,6 +74,8 @@ def pytest_configure(config: pytest.Config) -> None:
                  "network: needs the Python package registry"):
         config.addinivalue_line("markers", line)
     config.stash[OPTIONS_KEY] = _options(config)
+    if os.environ.get("PYTEST_XDIST_WORKER") and not config.pluginmanager.has_plugin("ptqsuite-xdist-groups"):
+        config.pluginmanager.register(XdistGroups(), "ptqsuite-xdist-groups")
 
 
 def _split(values: list[str]) -> list[str]:
@@ -149,9 +151,39 @@ def _settings(config: pytest.Config) -> Settings:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "ptq_case" in metafunc.fixturenames:
         cases = metafunc.config.stash[OPTIONS_KEY].matrix.cases
-        # One xdist group per model: with --dist loadgroup a model loads once, on one worker.
-        metafunc.parametrize("ptq_case", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.model.name))
+        # One xdist group per model (and long evaluations): with --dist loadgroup a model loads once per group.
+        metafunc.parametrize("ptq_case", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.group))
                                           for c in cases])
+
+
+class XdistGroups:
+    """Registered on xdist workers by pytest_configure."""
+
+    @pytest.hookimpl(tryfirst=True)  # before syrupy records the collected nodeids
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        _suffix_groups(config, items)
+
+
+def _suffix_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each test its xdist group suffix (``nodeid@group``) where pytest-xdist's own renaming has no effect.
+
+    ``--dist loadgroup`` schedules by that suffix, which xdist 3.8 adds by assigning ``item._nodeid``; pytest 9.2
+    reads ``nodeid`` from ``item._id`` instead, so the assignment is lost, every test is scheduled on its own and a
+    model's cases, and the ordering tests that reuse them, land on different workers (each recomputing). Setting
+    the suffix through ``_id`` restores the grouping; on versions where xdist's renaming works this does nothing.
+    """
+    if not getattr(config.option, "loadgroup", False):  # set by xdist on its workers under --dist loadgroup
+        return
+    try:
+        from _pytest.nodeid import coerce_node_id
+    except ImportError:  # pytest < 9.2: xdist's renaming works
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            item._id = coerce_node_id(item.nodeid + suffix)
 
 
 @pytest.hookimpl(trylast=True)  # after syrupy has recorded what was collected

