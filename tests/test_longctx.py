@@ -114,18 +114,12 @@ def test_passkey_prompts_fill_their_length_and_hide_one_key(oracle, length):
 
 
 def test_passkey_depth_is_spread_and_plain_by_default(tmp_path):
-    import lzma
-    import shutil
-
     from transformers import AutoTokenizer
 
     from ptqsuite.paths import ASSETS
+    from ptqsuite.weights import copy_assets
 
-    for f in (ASSETS / "models" / "smollm2-135m-instruct").iterdir():  # the shipped tokenizer, no weights needed
-        if f.suffix == ".xz":
-            (tmp_path / f.stem).write_bytes(lzma.decompress(f.read_bytes()))
-        else:
-            shutil.copy(f, tmp_path / f.name)
+    copy_assets(ASSETS / "models" / "smollm2-135m-instruct", tmp_path)  # the shipped tokenizer, no weights needed
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert tok.chat_template  # the lines task would use it; passkey stays plain text, as the original
     model = Oracle(tok, context=8192)

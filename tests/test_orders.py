@@ -125,11 +125,9 @@ def test_kv_bits_order_retrieval_and_perplexity(ptq_runner, ptq_options):
 @pytest.mark.xdist_group("smollm2-135m.zeroshot")
 def test_zeroshot_follows_the_damage(ptq_runner, ptq_options):
     """Pooled over every task's accuracy (acc, one record per example), paired against the unquantized model's
-    own record: W8A8 is not significantly different from fp (two-sided), W3 g128 is significantly worse (the
-    one-sided exact McNemar test: quantization is expected to hurt, so only that direction is asked). A scorer
-    that ignored the model, or a quantization path lm-eval bypassed, fails one of the two."""
-    from math import comb
-
+    own record: W8A8 is not significantly different from fp (two-sided McNemar), W3 g128 loses more examples than
+    it gains (not yet significant at 25 per task: see the closing note of issue 7). A scorer that ignored the
+    model, or a quantization path lm-eval bypassed, fails one of the two."""
     from ptqsuite.baselines import ACCURACY_ALPHA, mcnemar
 
     case = lambda r: next(c for c in ptq_options.matrix.cases if c.id == f"{r}-smollm2-135m")  # noqa: E731
@@ -139,6 +137,4 @@ def test_zeroshot_follows_the_damage(ptq_runner, ptq_options):
     w3 = pooled(run_or_skip(ptq_runner, case("rtn-w3g128"), ptq_options.require_models).payload["metrics"])
     assert len(fp) == len(w8a8) == len(w3) >= 100
     assert mcnemar(fp, w8a8)[2] >= ACCURACY_ALPHA, mcnemar(fp, w8a8)
-    b, c, _ = mcnemar(fp, w3)
-    one_sided = sum(comb(b + c, k) for k in range(b, b + c + 1)) / 2 ** (b + c)  # P[Bin(b + c, 1/2) >= b]
-    assert b > c, (b, c, one_sided)  # measured at 20 per task: 24 vs 9, one-sided p = 0.007; TODO: more examples
+    assert (flips := mcnemar(fp, w3))[0] > flips[1], flips  # at 20 per task 24 vs 9 flips; TODO: significance

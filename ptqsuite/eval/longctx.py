@@ -278,8 +278,8 @@ def _batches(exs: list[Example], batch_size: int) -> list[list[int]]:
 
 def _evaluate(model, tokenizer, name: str, length: int, n: int, seed: int, chat: bool | None,
               batch_size: int | None) -> RetrievalResult:
-    chat = use_chat(tokenizer, chat, lookup(name).chat)
-    exs = examples(model, tokenizer, length, n, task=name, seed=seed, chat=chat)
+    chat, budget = use_chat(tokenizer, chat, lookup(name).chat), _budget(model, length)
+    exs = [example(name, tokenizer, budget, chat, seed, length, i) for i in range(n)]
     batch_size = batch_size or max(1, BATCH_TOKENS // length)
     correct = [False] * n
     for batch in _batches(exs, batch_size):
@@ -287,7 +287,7 @@ def _evaluate(model, tokenizer, name: str, length: int, n: int, seed: int, chat:
             correct[i] = score(tokenizer.decode(out, skip_special_tokens=True), exs[i].value)
     counts = sorted(e.count for e in exs)
     protocol = (f"{lookup(name).format}; {'chat' if chat else 'plain'}; seed={seed}; n={n}; "
-                f"tokens<={_budget(model, length)}; {lookup(name).unit}="
+                f"tokens<={budget}; {lookup(name).unit}="
                 f"{counts[0]}..{counts[-1]}; values={VALUES[0]}..{VALUES[1]}; greedy {MAX_NEW_TOKENS} tokens; "
                 "correct: first integer == value")
     return RetrievalResult(
