@@ -57,10 +57,13 @@ class Verdict:
     ok: bool = True
     lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    worse: list[str] = field(default_factory=list)  # metrics that failed in the bad direction (regressions)
 
-    def fail(self, line: str) -> None:
+    def fail(self, line: str, worse_metric: str | None = None) -> None:
         self.ok = False
         self.lines.append(line)
+        if worse_metric is not None:
+            self.worse.append(worse_metric)
 
 
 def tolerance(metric: str, device_class: str) -> tuple[float, float]:
@@ -101,7 +104,9 @@ def _compare_protocol(was: dict, now: dict, v: Verdict) -> None:
 def _compare_metrics(label: str, was: dict, now: dict, device_class: str, v: Verdict) -> None:
     for name in sorted(set(was) | set(now)):
         if name not in now or name not in was:
-            v.fail(f"{label}metric {name}: {'missing from this run' if name in was else 'not in the baseline'}")
+            gone = name in was  # a metric that vanished is a regression; a new one only changes the record
+            v.fail(f"{label}metric {name}: {'missing from this run' if gone else 'not in the baseline'}",
+                   label + name if gone else None)
             continue
         if "correct" in now[name] or "correct" in was[name]:
             _compare_accuracy(label + name, was[name], now[name], v)
@@ -112,7 +117,8 @@ def _compare_metrics(label: str, was: dict, now: dict, device_class: str, v: Ver
         if not abs(delta) <= max(rel * abs(b), absolute):  # `not <=` also catches NaN
             floor = f" (or ±{absolute:g} absolute)" if absolute else ""
             v.fail(f"{label}{name}: baseline {b:.6g}, measured {m:.6g}, delta {delta:+.4g} "
-                   f"({delta / b if b else math.inf:+.3%}), tolerance ±{rel:.3%} relative{floor}: {_direction(name, delta)}")
+                   f"({delta / b if b else math.inf:+.3%}), tolerance ±{rel:.3%} relative{floor}: {_direction(name, delta)}",
+                   label + name if _is_worse(name, delta) else None)
 
 
 def mcnemar(baseline: str, measured: str) -> tuple[int, int, float]:
@@ -150,15 +156,27 @@ def _compare_accuracy(name: str, was: dict, now: dict, v: Verdict) -> None:
     worse = "WORSE than baseline" if b > c else "better than baseline: if intended, re-record and say why"
     v.fail(f"{name}: baseline {was['value']:.4f}, measured {now['value']:.4f} (n={n}); {b} examples went right -> "
            f"wrong and {c} wrong -> right; exact McNemar p={p:.2g} < {ACCURACY_ALPHA}: more than sampling explains "
-           f"(of {d} flips at most {bound} may go one way): {worse}")
+           f"(of {d} flips at most {bound} may go one way): {worse}", name if b > c else None)
+
+
+LOWER_IS_BETTER = (".ppl", ".kld", ".perplexity")
+HIGHER_IS_BETTER = (".recovery", ".acc", ".acc_norm")
+
+
+def _is_worse(name: str, delta: float) -> bool:
+    """A change in the bad direction; a metric with no direction (bits_per_weight) counts as worse when it moves,
+    and so does NaN."""
+    if name.endswith(LOWER_IS_BETTER):
+        return not delta <= 0
+    if name.endswith(HIGHER_IS_BETTER):
+        return not delta >= 0
+    return True
 
 
 def _direction(name: str, delta: float) -> str:
-    if name.endswith((".ppl", ".kld", ".perplexity")):
-        return "WORSE than baseline" if delta > 0 else "better than baseline: if intended, re-record and say why"
-    if name.endswith(".recovery"):
-        return "WORSE than baseline" if delta < 0 else "better than baseline: if intended, re-record and say why"
-    return "changed"
+    if not name.endswith(LOWER_IS_BETTER + HIGHER_IS_BETTER):
+        return "changed"
+    return "WORSE than baseline" if _is_worse(name, delta) else "better than baseline: if intended, re-record and say why"
 
 
 def _explain(baseline: dict, measured: dict, device_class: str, v: Verdict) -> None:

@@ -22,6 +22,7 @@ class Case:
     model: models.ModelSpec
     tier: str
     evals: tuple[str, ...] = ("ppl",)
+    shard: str = ""  # matrix.toml's `shard`: an xdist group of its own within the model's cases
 
     @property
     def id(self) -> str:
@@ -30,13 +31,11 @@ class Case:
     @property
     def group(self) -> str:
         """The pytest-xdist group (--dist loadgroup): a model's cases share a worker, so it loads and evaluates its
-        unquantized reference once; cases with long evaluations form their own group, so two workers split the
-        model's work at the cost of one more reference evaluation."""
-        return group(self.model.name, self.evals)
-
-
-def group(model: str, evals: tuple[str, ...] = ("ppl",)) -> str:
-    return ".".join([model, *(e for e in evals if e != "ppl")])
+        unquantized reference once; cases with long evaluations, and a block of cases the matrix names a `shard`
+        (cases no ordering test reads), form their own group, so two workers split the model's work at the cost of
+        one more reference evaluation."""
+        return ".".join([self.model.name, *([self.shard] if self.shard else []),
+                         *(e for e in self.evals if e != "ppl")])
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def load(path: Path = DEFAULT) -> Matrix:
                              f"{', '.join(EVALUATIONS)}, each once")
         for model in group["models"]:
             for recipe in group["recipes"]:
-                case = Case(parse(recipe), models.get(model), group["tier"], evals)
+                case = Case(parse(recipe), models.get(model), group["tier"], evals, group.get("shard", ""))
                 if case.id in seen:
                     raise ValueError(f"{path}: case {case.id} is listed twice")
                 seen.add(case.id)

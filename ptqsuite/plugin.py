@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,15 @@ import torch
 from syrupy.exceptions import SnapshotDoesNotExist
 
 from . import matrix as matrix_mod
-from . import models
-from .baselines import BaselineExtension, check_finite, compare
+from . import models, progress
+from .baselines import BaselineExtension, CorruptBaseline, check_finite, compare
 from .matrix import Case, Matrix
 from .recipe import known_methods, known_transforms
 from .runner import Runner, Settings
 
 OPTIONS_KEY = pytest.StashKey["Options"]()
+GPU_KEY = "ptqsuite_cuda_visible_devices"  # xdist workerinput: the GPU a worker is pinned to
+RECORD = "ptq_record"  # user_properties key: a case's results record, carried to the controller by xdist
 
 
 class BaselineEnvironmentWarning(UserWarning):
@@ -67,15 +70,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--require-models", action="store_true", help="fail, rather than skip, cases whose weights are missing")
     g.addoption("--ptq-matrix", default=None, help="matrix TOML (default: the one shipped with ptqsuite)")
     g.addoption("--ptq-baselines", default=None, help="baseline directory (default: <rootdir>/baselines)")
+    g.addoption("--ptq-results", default=None, metavar="FILE",
+                help="write a results file: one JSON line per case (metrics, sizes, times, versions, baseline status)")
+    g.addoption("--ptq-report", default=None, metavar="DIR",
+                help="write DIR/results.jsonl and a report (report.md, self-contained report.html, plots)")
+    g.addoption("--ptq-gpus", default=None, metavar="ID[,ID..]",
+                help="under xdist, pin worker i to GPU ids[i mod len] through CUDA_VISIBLE_DEVICES "
+                     "(default: every visible GPU; -n auto starts one worker per GPU)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for line in ("gpu: needs a CUDA device; skipped without one", "slow: minutes on a 2-core CPU; runs with --tier full",
                  "network: needs the Python package registry"):
         config.addinivalue_line("markers", line)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and workerinput.get(GPU_KEY) is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = workerinput[GPU_KEY]  # before anything initialises CUDA here
     config.stash[OPTIONS_KEY] = _options(config)
     if os.environ.get("PYTEST_XDIST_WORKER") and not config.pluginmanager.has_plugin("ptqsuite-xdist-groups"):
         config.pluginmanager.register(XdistGroups(), "ptqsuite-xdist-groups")
+    if workerinput is None and (config.getoption("--ptq-results") or config.getoption("--ptq-report")):
+        config.pluginmanager.register(ResultsWriter(config), "ptqsuite-results")
+    if config.pluginmanager.has_plugin("xdist") and not config.pluginmanager.has_plugin("ptqsuite-gpus"):
+        config.pluginmanager.register(GpuWorkers(config), "ptqsuite-gpus")
+    _install_progress(config, worker=workerinput is not None)
+
+
+def _install_progress(config: pytest.Config, worker: bool) -> None:
+    """Status lines for long quantizations and evaluations, written past pytest's output capture to the
+    terminal; none on xdist workers (no terminal of their own) or where progress.wanted says no (CI, pipes)."""
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if worker or reporter is None or capman is None or not progress.wanted(sys.__stdout__):
+        progress.install(None)
+        return
+
+    def write(line: str) -> None:
+        with capman.global_and_fixture_disabled():
+            reporter._tw.write(line, flush=True)
+
+    progress.install(write)
 
 
 def _split(values: list[str]) -> list[str]:
@@ -156,6 +190,65 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                                           for c in cases])
 
 
+def visible_gpus(config: pytest.Config) -> list[str]:
+    """The GPU ids workers are spread over: --ptq-gpus, else CUDA_VISIBLE_DEVICES's entries, else every device."""
+    if config.getoption("--ptq-gpus"):
+        return _split([config.getoption("--ptq-gpus")])
+    if config.getoption("--device") == "cpu" or not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return _split([listed]) if listed else [str(i) for i in range(torch.cuda.device_count())]
+
+
+class GpuWorkers:
+    """On the xdist controller: one worker per GPU under ``-n auto``, and worker gw<i> pinned to the i-th GPU
+    (round robin) through CUDA_VISIBLE_DEVICES, set in the worker before CUDA initialises (pytest_configure). A
+    worker then sees one device, cuda:0, and loadgroup keeps each model's cases on one worker and so one GPU."""
+
+    def __init__(self, config: pytest.Config):
+        self.gpus = visible_gpus(config)
+
+    def pytest_xdist_auto_num_workers(self, config: pytest.Config) -> int | None:
+        return len(self.gpus) or None
+
+    def pytest_configure_node(self, node) -> None:
+        if self.gpus:
+            index = int(node.gateway.id.removeprefix("gw"))
+            node.workerinput[GPU_KEY] = self.gpus[index % len(self.gpus)]
+
+
+class ResultsWriter:
+    """On the controller (or a run without xdist): gathers every case's results record from the test reports,
+    then writes --ptq-results and --ptq-report at the end of the session."""
+
+    def __init__(self, config: pytest.Config):
+        self.config, self.records = config, {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for name, record in report.user_properties:
+            if name == RECORD and (report.when == "call" or report.outcome != "passed"):
+                self.records[report.nodeid] = {**record, "outcome": report.outcome}
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        from . import results
+
+        records = list(self.records.values())
+        target, report_dir = self.config.getoption("--ptq-results"), self.config.getoption("--ptq-report")
+        if target:
+            results.write(Path(target), records)
+        if report_dir:
+            from . import report
+
+            results.write(Path(report_dir) / "results.jsonl", records)
+            report.render(records, Path(report_dir))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        for option in ("--ptq-results", "--ptq-report"):
+            if self.config.getoption(option):
+                terminalreporter.write_line(f"ptqsuite: {len(self.records)} case(s) written to "
+                                            f"{self.config.getoption(option)} ({option})")
+
+
 class XdistGroups:
     """Registered on xdist workers by pytest_configure."""
 
@@ -227,40 +320,70 @@ def run_or_skip(runner: Runner, case: Case, require_models: bool):
 
 @pytest.fixture
 def ptq_result(ptq_case: Case, ptq_runner: Runner, ptq_options: Options, request: pytest.FixtureRequest):
+    from . import results
+
     result = run_or_skip(ptq_runner, ptq_case, ptq_options.require_models)
-    request.node.user_properties += [("quantize_s", round(result.quantize_s, 3)), ("evaluate_s", round(result.evaluate_s, 3))]
+    record = results.record(result.payload, result.quantize_s, result.evaluate_s, ptq_options.settings.device)
+    request.node.user_properties += [("quantize_s", round(result.quantize_s, 3)), ("evaluate_s", round(result.evaluate_s, 3)),
+                                     (RECORD, record)]  # the baseline check adds its verdict to the record
     return result
 
 
 class Baseline:
     """``check(result)``: fail on non-finite metrics, then assert against the stored baseline with tolerance."""
 
-    def __init__(self, snapshot, directory: Path):
+    def __init__(self, snapshot, directory: Path, node: pytest.Item | None = None):
         self.extension = BaselineExtension.for_directory(directory)
         self.snapshot = snapshot.use_extension(self.extension)
+        self.directory, self.node = directory, node
 
     def check(self, result) -> None:
         payload = result.payload
         bad = check_finite(payload)
+        corrupt = None
+        try:
+            stored = self._stored()  # before the comparison, which may (under --snapshot-update) rewrite it
+        except CorruptBaseline as e:
+            stored, corrupt = None, e  # raised after the comparison, once syrupy has counted the file as used
         # Compare first, even for a bad result: syrupy then counts the stored file as used and never deletes it
         # under --snapshot-update; serialize() refuses non-finite metrics, so nothing is written either.
         matched = self.snapshot == payload
+        if corrupt is not None:
+            raise corrupt
+        verdict = compare(stored, payload) if stored is not None else None
+        self._annotate(stored, verdict)
         if bad:
             pytest.fail(f"{payload['case']}: non-finite metric(s): {', '.join(bad)}. Nothing was recorded.", pytrace=False)
+        if not matched and stored is None:
+            pytest.fail(f"{payload['case']}: no baseline for device class {payload['protocol']['device_class']} "
+                        f"(looked in {self.directory}); record one with --snapshot-update", pytrace=False)
         if not matched:  # explicit text: pytest only rewrites asserts in test modules, not in this plugin
             pytest.fail("\n".join(self.snapshot.get_assert_diff()), pytrace=False)
-        self._warn_environment(payload)
-
-    def _warn_environment(self, payload: dict) -> None:
-        try:
-            stored = self.snapshot.extension.read_snapshot(
-                test_location=self.snapshot.test_location, index=self.snapshot.index, session_id="")
-        except SnapshotDoesNotExist:
-            return
-        for note in compare(json.loads(stored), payload).notes:
+        for note in verdict.notes if verdict else ():
             warnings.warn(BaselineEnvironmentWarning(f"{payload['case']}: {note}"), stacklevel=2)
+
+    def _stored(self) -> dict | None:
+        try:
+            return json.loads(self.snapshot.extension.read_snapshot(
+                test_location=self.snapshot.test_location, index=self.snapshot.index, session_id=""))
+        except SnapshotDoesNotExist:
+            return None
+
+    def _annotate(self, stored: dict | None, verdict) -> None:
+        """Add the comparison to the case's results record (if this test made one)."""
+        from . import results
+
+        updating = self.snapshot.update_snapshots
+        status = "matched" if verdict is not None and verdict.ok else "recorded" if updating else \
+            "missing" if stored is None else "differs"
+        for name, record in self.node.user_properties if self.node is not None else ():
+            if name == RECORD:
+                failed = verdict is not None and not verdict.ok
+                record["baseline"] = {"status": status, "lines": verdict.lines if failed else [],
+                                      "worse": verdict.worse if failed else [],
+                                      "metrics": results.values(stored["metrics"]) if stored else {}}
 
 
 @pytest.fixture
-def ptq_baseline(snapshot, ptq_options: Options) -> Baseline:
-    return Baseline(snapshot, ptq_options.baselines / ptq_options.settings.device_class)
+def ptq_baseline(snapshot, ptq_options: Options, request: pytest.FixtureRequest) -> Baseline:
+    return Baseline(snapshot, ptq_options.baselines / ptq_options.settings.device_class, request.node)

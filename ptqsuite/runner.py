@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__, data, models, pipeline
+from . import __version__, data, models, pipeline, progress
 from .arch import arch_of
 from .eval import lmeval, longctx
 from .eval.ppl import ReferenceLogProbs, perplexity
@@ -86,7 +86,9 @@ class Runner:
         for dataset, max_windows in budget.items():
             r = perplexity(model, tokenizer, data.eval_text(dataset), bos_per_window=spec.bos_per_window,
                            max_windows=max_windows or None, batch_size=self.settings.batch_size,
-                           reference=reference, kld_windows=kld_windows)
+                           reference=reference, kld_windows=kld_windows,
+                           progress=progress.reporter(f"{spec.name}: {dataset} windows"))
+            progress.clear()
             metrics[f"{dataset}.ppl"] = {"value": r.ppl, "windows": r.windows, "tokens": r.tokens, "nll_std": r.nll_std}
             if r.kld is not None:
                 metrics[f"{dataset}.kld"] = {"value": r.kld, "windows": r.kld_windows}
@@ -157,7 +159,9 @@ class Runner:
         calibration = self.calibration(case)
         qmodel = copy.deepcopy(self.loaded(case.model).model)
         t0 = time.perf_counter()
-        report = pipeline.quantize(qmodel, case.recipe, arch_of(qmodel), calibration, self.settings.device)
+        report = pipeline.quantize(qmodel, case.recipe, arch_of(qmodel), calibration, self.settings.device,
+                                   progress=progress.reporter(f"{case.id}: quantize"))
+        progress.clear()
         t1 = time.perf_counter()
         metrics, _ = self.evaluate(qmodel, case.model, case.evals, reference=self.kl_reference(case.model))
         t2 = time.perf_counter()

@@ -423,7 +423,8 @@ def run_project(root: Path, matrix_text: str, *args: str, baselines_from: dict[s
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> Run:
-    return run_project(tmp_path_factory.mktemp("baselines") / "recorded", ROUND_TRIP_MATRIX, "--snapshot-update")
+    root = tmp_path_factory.mktemp("baselines") / "recorded"
+    return run_project(root, ROUND_TRIP_MATRIX, "--snapshot-update", "--ptq-results", str(root / "results.jsonl"))
 
 
 def edited(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -444,7 +445,8 @@ def edited(files: dict[str, bytes]) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def checked(recorded, tmp_path_factory) -> Run:
     assert recorded.result.ret == pytest.ExitCode.OK, f"recording the baselines failed:\n{output(recorded.result)}"
-    return run_project(tmp_path_factory.mktemp("baselines") / "checked", ROUND_TRIP_MATRIX,
+    root = tmp_path_factory.mktemp("baselines") / "checked"
+    return run_project(root, ROUND_TRIP_MATRIX, "--ptq-report", str(root / "report"),
                        baselines_from=edited(recorded.after))
 
 
@@ -508,6 +510,38 @@ def test_ppl_drift_fails_with_baseline_measured_delta_tolerance(checked, recorde
     assert 0 < tol_pct < 100 * abs(delta / baseline)
     assert m[5].startswith(direction), text
     assert ("WORSE" in text) == (direction.startswith("WORSE")), text
+
+
+def results_of(run: Run, path: str) -> dict[str, dict]:
+    from ptqsuite import results
+
+    return {r["case"]: r for r in results.read(run.baselines.parent / path)}
+
+
+@BASELINE_GROUP
+def test_results_file_records_each_case_with_its_baseline_status(checked, recorded):
+    """--ptq-results / --ptq-report: one record per case, whatever its outcome, with the measured metrics, times,
+    the device, and how it compared with its baseline (recorded, matched, differs, missing)."""
+    first = results_of(recorded, "results.jsonl")
+    assert {r["baseline"]["status"] for r in first.values()} == {"recorded"}, first
+    now = results_of(checked, "report/results.jsonl")
+    assert set(now) == set(first) == {BETTER, WORSE, PROTOCOL, CORRUPT, MISSING, UNCHANGED}
+    status = {case: r.get("baseline", {}).get("status") for case, r in now.items()}
+    assert status == {UNCHANGED: "matched", MISSING: "missing", BETTER: "differs", WORSE: "differs",
+                      PROTOCOL: "differs", CORRUPT: None}, status  # a corrupt baseline is never read into a record
+    assert {case: r["outcome"] for case, r in now.items()} == {
+        c: "passed" if c == UNCHANGED else "failed" for c in now}
+    worse = now[WORSE]
+    assert worse["baseline"]["metrics"]["wikitext2.ppl"] == pytest.approx(
+        first[WORSE]["metrics"]["wikitext2.ppl"]["value"] * PPL_EDIT[WORSE])
+    assert any("WORSE than baseline" in line for line in worse["baseline"]["lines"]), worse["baseline"]
+    assert worse["baseline"]["worse"] == ["wikitext2.ppl"] and now[BETTER]["baseline"]["worse"] == []
+    for r in now.values():
+        assert r["device"]["class"] == DEVICE_CLASS and r["time"]["quantize_s"] >= 0 and r["time"]["evaluate_s"] > 0
+        assert r["bits_per_weight"] == r["metrics"]["bits_per_weight"]["value"]
+        assert r["size"]["model_bytes"] > 0 and "torch" in r["environment"]
+    assert (checked.baselines.parent / "report" / "report.md").is_file()
+    assert (checked.baselines.parent / "report" / "report.html").is_file()
 
 
 @BASELINE_GROUP

@@ -1,0 +1,117 @@
+"""Results files: one JSON object per line (JSON lines), one line per case a run evaluated.
+
+A record is what the case's baseline stores (metrics with their sample counts and per-example records, the
+unquantized reference, size, protocol, library versions) plus what a baseline must not store because it changes
+from run to run: wall times, the device's name, the commit, when, which xdist worker, and how the run compared
+with its baseline. ``python -m ptqsuite report|compare|trend`` read these files; ``--ptq-results FILE`` and
+``--ptq-report DIR`` write them.
+
+Field by field (``SCHEMA`` versions this list; readers refuse other versions):
+
+* ``case``, ``recipe`` (Recipe.to_dict: id, method, transforms, weight/act/kv formats, calibration), ``model``
+* ``metrics``, ``reference``: ``{name: {"value": v, <counts: n | windows, tokens>, ["correct": "0101.."]}}``
+* ``bits_per_weight`` (effective, scales and zero points included), ``size`` (model_bytes, quantized_params)
+* ``device``: ``{"class": "cpu-fp32" | "cuda-sm90-bf16" | ..., "name": "NVIDIA H200" | the CPU's name}``
+* ``time``: ``{"quantize_s", "evaluate_s"}`` (0 when the result came from this run's cache of another test)
+* ``protocol``, ``environment`` (library versions), ``run``: ``{"commit", "dirty", "timestamp", "worker"}``
+* ``outcome``: the pytest outcome of the test that produced the record (passed, failed, skipped)
+* ``baseline``: ``{"status": "matched" | "differs" | "missing" | "recorded", "metrics": {name: value},
+  "lines": [why it differs], "worse": [metrics that moved the bad way]}``: "differs" is a failure of the baseline rule (ptqsuite/baselines.py); "recorded"
+  means this run wrote the baseline (--snapshot-update)
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .paths import atomic_write_text
+
+SCHEMA = 1
+BASELINE_STATUSES = ("matched", "differs", "missing", "recorded")
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read: the message names the file, the line and what is wrong."""
+
+
+def record(payload: dict, quantize_s: float, evaluate_s: float, device: torch.device) -> dict:
+    """The results record of one case's payload (what runner.Runner.run returned), before baseline comparison."""
+    return {
+        "schema": SCHEMA,
+        **payload,
+        "bits_per_weight": payload["metrics"].get("bits_per_weight", {}).get("value"),
+        "device": {"class": payload["protocol"]["device_class"], "name": device_name(device)},
+        "time": {"quantize_s": round(quantize_s, 3), "evaluate_s": round(evaluate_s, 3)},
+        "run": run_info(),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or device.type
+
+
+def run_info() -> dict:
+    """Which code produced the numbers: the git commit of the working directory (None outside a checkout)."""
+    commit = dirty = None
+    try:
+        commit = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": commit, "dirty": dirty, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    return done.stdout.strip()
+
+
+def write(path: Path, records: Iterable[dict]) -> None:
+    """Write a whole results file atomically (a reader never sees half of it), in case-id order."""
+    lines = [json.dumps(r, sort_keys=True) for r in sorted(records, key=lambda r: (r["case"], r["device"]["class"]))]
+    atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+
+
+def read(path: Path) -> list[dict]:
+    return list(iter_records(path))
+
+
+def iter_records(path: Path) -> Iterator[dict]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read results file: {e.strerror}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ResultsError(f"{path}:{number}: not JSON ({e}); a results file holds one JSON object per line") from None
+        if not isinstance(r, dict) or r.get("schema") != SCHEMA:
+            found = r.get("schema") if isinstance(r, dict) else type(r).__name__
+            raise ResultsError(f"{path}:{number}: results schema {found!r}; this ptqsuite reads schema {SCHEMA}")
+        missing = [k for k in ("case", "metrics", "device", "protocol") if k not in r]
+        if missing:
+            raise ResultsError(f"{path}:{number}: record lacks {', '.join(missing)}")
+        yield r
+
+
+def key(r: dict) -> tuple[str, str]:
+    """What identifies a case across runs: the same case id on the same device class."""
+    return r["case"], r["device"]["class"]
+
+
+def values(metrics: dict) -> dict[str, float]:
+    return {name: m["value"] for name, m in metrics.items()}
