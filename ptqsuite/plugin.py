@@ -84,6 +84,12 @@ def pytest_configure(config: pytest.Config) -> None:
                  "network: needs the Python package registry"):
         config.addinivalue_line("markers", line)
     workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None or getattr(config.option, "numprocesses", None):
+        # Under xdist syrupy matches snapshots to tests by nodeid, and the loadgroup suffix (XdistGroups) hides the
+        # parameter part: every deselected case's baseline then counts as unused, failing the run and, under
+        # --snapshot-update, deleting baselines of cases that are still in the matrix. Obsolete baselines (cases
+        # removed from the matrix) are pruned by a single-process `pytest --snapshot-update`.
+        config.option.disable_unused_snapshots = True
     if workerinput is not None and workerinput.get(GPU_KEY) is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = workerinput[GPU_KEY]  # before anything initialises CUDA here
     config.stash[OPTIONS_KEY] = _options(config)

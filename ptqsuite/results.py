@@ -11,7 +11,8 @@ Field by field (``SCHEMA`` versions this list; readers refuse other versions):
 * ``case``, ``recipe`` (Recipe.to_dict: id, method, transforms, weight/act/kv formats, calibration), ``model``
 * ``metrics``, ``reference``: ``{name: {"value": v, <counts: n | windows, tokens>, ["correct": "0101.."]}}``
 * ``bits_per_weight`` (effective, scales and zero points included), ``size`` (model_bytes, quantized_params)
-* ``device``: ``{"class": "cpu-fp32" | "cuda-sm90-bf16" | ..., "name": "NVIDIA H200" | the CPU's name}``
+* ``device``: ``{"class": "cpu-fp32" | "cuda-sm90-bf16" | ..., "name": "NVIDIA H200" | the CPU's name,
+  "cuda_visible_devices": what the process saw (under xdist: the GPU its worker was pinned to)}``
 * ``time``: ``{"quantize_s", "evaluate_s"}`` (0 when the result came from this run's cache of another test)
 * ``protocol``, ``environment`` (library versions), ``run``: ``{"commit", "dirty", "timestamp", "worker"}``
 * ``outcome``: the pytest outcome of the test that produced the record (passed, failed, skipped)
@@ -47,7 +48,8 @@ def record(payload: dict, quantize_s: float, evaluate_s: float, device: torch.de
         "schema": SCHEMA,
         **payload,
         "bits_per_weight": payload["metrics"].get("bits_per_weight", {}).get("value"),
-        "device": {"class": payload["protocol"]["device_class"], "name": device_name(device)},
+        "device": {"class": payload["protocol"]["device_class"], "name": device_name(device),
+                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},  # the GPU an xdist worker was pinned to
         "time": {"quantize_s": round(quantize_s, 3), "evaluate_s": round(evaluate_s, 3)},
         "run": run_info(),
     }
