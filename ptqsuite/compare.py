@@ -53,20 +53,9 @@ def _row(before: dict, after: dict) -> Row:
         status = "incomparable"
     else:
         status = "regressed" if v.worse else "changed"
-    name = primary_metric(after["metrics"])
-    was, now = before["metrics"].get(name, {}).get("value"), after["metrics"].get(name, {}).get("value")
+    name = results.primary_metric([after])
+    was, now = (results.metric_value(results.values(r["metrics"]), name) if name else None for r in (before, after))
     return Row(after["case"], after["device"]["class"], status, name, was, now, v.lines)
-
-
-def primary_metric(metrics: dict) -> str | None:
-    """The one number a table shows per case: WikiText-2 perplexity, else another perplexity, else an accuracy."""
-    names = sorted(metrics)
-    for pick in (lambda n: n == "wikitext2.ppl", lambda n: n.endswith(".ppl"), lambda n: n.endswith(".acc_norm"),
-                 lambda n: n.endswith(".acc")):
-        found = [n for n in names if pick(n)]
-        if found:
-            return found[0]
-    return None
 
 
 def table(rows: list[Row], show_same: bool = False) -> str:

@@ -14,9 +14,9 @@ from collections import Counter, defaultdict
 from contextlib import contextmanager
 
 from . import baselines
+from .results import MEAN_ACC, finite as _finite, metric_value, primary_metric
 from .recipe import FLOAT_PRESETS
 
-MEAN_ACC = "mean.acc"  # pseudo-metric: the mean of a record's *.acc metrics, for models scored on tasks only
 REFERENCE_LABEL = "fp16/fp32 reference"
 INSTALL = 'pip install "ptqsuite[report]" (or: pip install matplotlib)'
 DPI = 100
@@ -101,15 +101,6 @@ def weight_bits(recipe: dict) -> int | None:
     return w["bits"] if isinstance(w, dict) and w.get("format") == "int" else None
 
 
-def metric_value(values: dict, name: str) -> float | None:
-    """``values[name]`` ({name: float}, as results.values returns), MEAN_ACC computed; None when absent."""
-    if name == MEAN_ACC:
-        accs = [v for k, v in values.items() if k.endswith(".acc") and _finite(v)]
-        return sum(accs) / len(accs) if accs else None
-    v = values.get(name)
-    return float(v) if isinstance(v, (int, float)) else None
-
-
 def value(record: dict, name: str, section: str = "metrics") -> float | None:
     """A record's metric (section "metrics") or the unquantized model's (section "reference")."""
     return metric_value({k: m.get("value") for k, m in record.get(section, {}).items()}, name)
@@ -123,17 +114,6 @@ def delta_percent(record: dict, name: str) -> float | None:
     """Relative change of a metric against the record's baseline, in percent."""
     now, was = value(record, name), baseline_value(record, name)
     return (now / was - 1) * 100 if _finite(now) and _finite(was) and was else None
-
-
-def primary_metric(records: list[dict]) -> str | None:
-    """wikitext2.ppl if any record has it, else the first *.ppl by name, else MEAN_ACC, else None."""
-    names = {n for r in records for n in r.get("metrics", {})}
-    if "wikitext2.ppl" in names:
-        return "wikitext2.ppl"
-    ppl = sorted(n for n in names if n.endswith(".ppl"))
-    if ppl:
-        return ppl[0]
-    return MEAN_ACC if any(n.endswith(".acc") for n in names) else None
 
 
 def tolerance(metric: str, device_class: str) -> tuple[float, float] | None:
@@ -169,10 +149,6 @@ def short(text: str, limit: int = 44) -> str:
         return text
     head = (limit - 1) * 3 // 5
     return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _calibration(recipe: dict) -> str:

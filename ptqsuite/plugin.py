@@ -105,15 +105,15 @@ def pytest_configure(config: pytest.Config) -> None:
 def _install_progress(config: pytest.Config, worker: bool) -> None:
     """Status lines for long quantizations and evaluations, written past pytest's output capture to the
     terminal; none on xdist workers (no terminal of their own) or where progress.wanted says no (CI, pipes)."""
-    reporter = config.pluginmanager.getplugin("terminalreporter")
     capman = config.pluginmanager.getplugin("capturemanager")
-    if worker or reporter is None or capman is None or not progress.wanted(sys.__stdout__):
+    if worker or capman is None or config.pluginmanager.getplugin("terminalreporter") is None \
+            or not progress.wanted(sys.__stdout__):
         progress.install(None)
         return
 
     def write(line: str) -> None:
         with capman.global_and_fixture_disabled():
-            reporter._tw.write(line, flush=True)
+            config.get_terminal_writer().write(line, flush=True)
 
     progress.install(write)
 
@@ -364,7 +364,7 @@ class Baseline:
             pytest.fail(f"{payload['case']}: no baseline for device class {payload['protocol']['device_class']} "
                         f"(looked in {self.directory}); record one with --snapshot-update", pytrace=False)
         if not matched:  # explicit text: pytest only rewrites asserts in test modules, not in this plugin
-            pytest.fail("\n".join(self.snapshot.get_assert_diff()), pytrace=False)
+            pytest.fail("\n".join(verdict.lines + verdict.notes), pytrace=False)
         for note in verdict.notes if verdict else ():
             warnings.warn(BaselineEnvironmentWarning(f"{payload['case']}: {note}"), stacklevel=2)
 

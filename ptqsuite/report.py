@@ -16,7 +16,8 @@ from pathlib import Path
 
 from . import plots
 from .paths import atomic_write_text
-from .plots import MEAN_ACC, delta_percent, method_label, primary_metric, value
+from .plots import delta_percent, method_label, value
+from .results import MEAN_ACC, finite, primary_metric
 
 REGRESSION = "REGRESSION"
 STATUSES = ("matched", "differs", "missing", "recorded")
@@ -177,9 +178,8 @@ def _weight_format(recipe: dict) -> str:
 
 def _status(r: dict) -> tuple[str, bool]:
     """The baseline cell and whether the case failed its baseline rule. A "differs" is a REGRESSION when a metric
-    moved the bad way or vanished (the record's ``worse`` list; records without one: the rule's lines say WORSE or
-    missing from this run), or when the lines say nothing; else it is a protocol change or an improvement, which
-    fail too (baselines move only on purpose)."""
+    moved the bad way or vanished (the record's ``worse`` list), or when the lines say nothing; else it is a
+    protocol change or an improvement, which fail too (baselines move only on purpose)."""
     baseline = r.get("baseline") or {}
     status = baseline.get("status", "–")
     outcome = r.get("outcome")
@@ -187,8 +187,7 @@ def _status(r: dict) -> tuple[str, bool]:
     if status != "differs":
         return status + suffix, False
     why = " ".join(baseline.get("lines") or [])
-    worse = baseline["worse"] if "worse" in baseline else "WORSE" in why or "missing from this run" in why
-    if worse or not why:
+    if baseline.get("worse") or not why:
         return REGRESSION + suffix, True
     kind = "protocol changed" if "protocol changed" in why else "better than baseline"
     return f"DIFFERS ({kind}){suffix}", True
@@ -298,7 +297,7 @@ def trend_rows(runs: list[tuple[str, list[dict]]], metric: str | None = None) ->
     for key in keys:
         present = [by_key[key] for by_key in index if key in by_key]
         name = metric or primary_metric(present)
-        vals = [v for r in present if name and plots._finite(v := value(r, name))]
+        vals = [v for r in present if name and finite(v := value(r, name))]
         if len(present) < 2 or len(vals) < 2:
             continue
         first, last = vals[0], vals[-1]

@@ -13,17 +13,20 @@ Field by field (``SCHEMA`` versions this list; readers refuse other versions):
 * ``bits_per_weight`` (effective, scales and zero points included), ``size`` (model_bytes, quantized_params)
 * ``device``: ``{"class": "cpu-fp32" | "cuda-sm90-bf16" | ..., "name": "NVIDIA H200" | the CPU's name,
   "cuda_visible_devices": what the process saw (under xdist: the GPU its worker was pinned to)}``
-* ``time``: ``{"quantize_s", "evaluate_s"}`` (0 when the result came from this run's cache of another test)
+* ``time``: ``{"quantize_s", "evaluate_s"}`` as measured when the case ran (a test that reuses the run's cached
+  result reports the same times)
 * ``protocol``, ``environment`` (library versions), ``run``: ``{"commit", "dirty", "timestamp", "worker"}``
 * ``outcome``: the pytest outcome of the test that produced the record (passed, failed, skipped)
 * ``baseline``: ``{"status": "matched" | "differs" | "missing" | "recorded", "metrics": {name: value},
-  "lines": [why it differs], "worse": [metrics that moved the bad way]}``: "differs" is a failure of the baseline rule (ptqsuite/baselines.py); "recorded"
-  means this run wrote the baseline (--snapshot-update)
+  "lines": [why it differs], "worse": [metrics that moved the bad way]}``: "differs" is a failure of the baseline
+  rule (ptqsuite/baselines.py); "recorded" means this run wrote the baseline (--snapshot-update)
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -35,7 +38,7 @@ import torch
 from .paths import atomic_write_text
 
 SCHEMA = 1
-BASELINE_STATUSES = ("matched", "differs", "missing", "recorded")
+MEAN_ACC = "mean.acc"  # pseudo-metric: the mean of a record's *.acc metrics, for models scored on tasks only
 
 
 class ResultsError(ValueError):
@@ -62,15 +65,20 @@ def device_name(device: torch.device) -> str:
 
 
 def run_info() -> dict:
-    """Which code produced the numbers: the git commit of the working directory (None outside a checkout)."""
-    commit = dirty = None
-    try:
-        commit = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        pass
+    """Which code produced the numbers (the working directory's git commit, None outside a checkout), where and
+    when."""
+    commit, dirty = _git_state()
     return {"commit": commit, "dirty": dirty, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+@functools.lru_cache(maxsize=1)
+def _git_state() -> tuple[str | None, bool | None]:
+    """Asked once per process: a run's cases share one checkout, and `git status` walks the whole tree."""
+    try:
+        return _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
 
 
 def _git(*args: str) -> str:
@@ -117,3 +125,28 @@ def key(r: dict) -> tuple[str, str]:
 
 def values(metrics: dict) -> dict[str, float]:
     return {name: m["value"] for name, m in metrics.items()}
+
+
+def finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def metric_value(values: dict, name: str) -> float | None:
+    """``values[name]`` ({name: float}, as ``values`` returns), MEAN_ACC computed; None when absent."""
+    if name == MEAN_ACC:
+        accs = [v for k, v in values.items() if k.endswith(".acc") and finite(v)]
+        return sum(accs) / len(accs) if accs else None
+    v = values.get(name)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def primary_metric(records: list[dict]) -> str | None:
+    """The one number a table or plot shows for these records: wikitext2.ppl if any has it, else the first *.ppl
+    by name, else MEAN_ACC (task-only cases), else None."""
+    names = {n for r in records for n in r.get("metrics", {})}
+    if "wikitext2.ppl" in names:
+        return "wikitext2.ppl"
+    ppl = sorted(n for n in names if n.endswith(".ppl"))
+    if ppl:
+        return ppl[0]
+    return MEAN_ACC if any(n.endswith(".acc") for n in names) else None

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ptqsuite import plots, report
+from ptqsuite import plots, report, results
 from ptqsuite.recipe import parse
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,7 +44,8 @@ def make_record(recipe_id: str, ppl: float | None, *, status: str = "matched", b
         "baseline": {"status": status,
                      "metrics": {} if status == "missing" else stored,
                      "lines": ["wikitext2.ppl: baseline 30, measured 35: WORSE than baseline"]
-                     if status == "differs" else []},
+                     if status == "differs" else [],
+                     "worse": ["wikitext2.ppl"] if status == "differs" else []},
     }
 
 
@@ -78,10 +79,10 @@ def test_method_label_drops_the_bits_and_keeps_the_method():
 
 
 def test_primary_metric_falls_back_to_mean_accuracy(records):
-    assert plots.primary_metric(records[:3]) == "wikitext2.ppl"
+    assert results.primary_metric(records[:3]) == "wikitext2.ppl"
     tasks = [r for r in records if r["model"]["name"] == "tasks"]
-    assert plots.primary_metric(tasks) == plots.MEAN_ACC
-    assert plots.value(tasks[0], plots.MEAN_ACC) == pytest.approx(0.55)
+    assert results.primary_metric(tasks) == results.MEAN_ACC
+    assert plots.value(tasks[0], results.MEAN_ACC) == pytest.approx(0.55)
 
 
 def test_markdown_lists_every_case_and_marks_the_regression(records, tmp_path):
@@ -109,9 +110,10 @@ def test_a_case_repeated_across_results_files_is_shown_once_as_its_last_record(r
 def test_only_a_change_for_the_worse_is_marked_a_regression(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "_plot_note", lambda: "plots off in this test")
     better = make_record("gptq-w3g128", 25.0, status="differs", baseline=30.0)
-    better["baseline"]["lines"] = ["wikitext2.ppl: baseline 30, measured 25: better than baseline: if intended, ..."]
+    better["baseline"].update(lines=["wikitext2.ppl: baseline 30, measured 25: better than baseline: if intended, ..."],
+                              worse=[])
     vanished = make_record("gptq-w2g128", 80.0, status="differs")
-    vanished["baseline"]["lines"] = ["metric c4.ppl: missing from this run"]
+    vanished["baseline"].update(lines=["metric c4.ppl: missing from this run"], worse=["c4.ppl"])
     report.render([better, vanished], tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "**DIFFERS (better than baseline)" in table_line(md, "gptq-w3g128-tiny")

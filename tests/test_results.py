@@ -108,11 +108,11 @@ def test_compare_vanished_metric_is_a_regression():
     assert compare.compare_runs([record()], [after])[0].status == "regressed"
 
 
-def test_primary_metric_prefers_wikitext2_then_any_ppl_then_accuracy():
-    assert compare.primary_metric({"c4.ppl": {}, "wikitext2.ppl": {}, "piqa.acc": {}}) == "wikitext2.ppl"
-    assert compare.primary_metric({"c4.ppl": {}, "piqa.acc": {}}) == "c4.ppl"
-    assert compare.primary_metric({"piqa.acc": {}, "piqa.acc_norm": {}}) == "piqa.acc_norm"
-    assert compare.primary_metric({"bits_per_weight": {}}) is None
+def test_compare_shows_the_primary_metric_of_task_only_cases():
+    """Without perplexity the table shows the mean task accuracy (results.primary_metric, as the report does)."""
+    tasks_only = lambda acc: {**record(acc=acc), "metrics": {"piqa.acc": record(acc=acc)["metrics"]["piqa.acc"]}}  # noqa: E731
+    row = compare.compare_runs([tasks_only("1100110011")], [tasks_only("1100110010")])[0]
+    assert (row.primary, row.before, row.after) == (results.MEAN_ACC, 0.6, 0.5)
 
 
 # --- GPU workers --------------------------------------------------------------------------------------------------
