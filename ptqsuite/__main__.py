@@ -5,11 +5,13 @@
 * ``python -m ptqsuite report RESULTS.jsonl... --out DIR``: the Markdown/HTML report of results files
 * ``python -m ptqsuite compare A B``: what changed from run A to run B; exit 1 on regressions (ptqsuite/compare.py)
 * ``python -m ptqsuite trend FILES... --out DIR [--metric NAME]``: a metric's history across runs, a plot per case
+* ``python -m ptqsuite coverage [--out FILE]``: the method × architecture table of the matrix (ptqsuite/coverage.py)
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import models
 
@@ -31,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("files", nargs="+", metavar="RESULTS")
     tr.add_argument("--out", required=True, metavar="DIR")
     tr.add_argument("--metric", default=None, help="metric name (default: each case's primary metric)")
+    cov = sub.add_parser("coverage", help="the method x architecture coverage table (Markdown)")
+    cov.add_argument("--out", default=None, metavar="FILE", help="write it here (default: standard output)")
+    cov.add_argument("--baselines", default="baselines", metavar="DIR", help="committed baselines (default: ./baselines)")
     args = parser.parse_args(argv)
+    if args.command == "coverage":
+        return _coverage(args.out, Path(args.baselines))
     if args.command == "models":
         for s in models.registry().values():
             print(f"{s.name:20s} {s.family:12s} {s.kind:9s} {s.hub_id or '':40s} {s.notes}")
@@ -87,5 +94,18 @@ def _fetch(names: list[str]) -> int:
     return 0
 
 
+def _coverage(out: str | None, baselines: Path) -> int:
+    from . import coverage, matrix
+    from .paths import atomic_write_text
+
+    text = coverage.markdown(matrix.load(), baselines)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(Path(out), text)
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -112,12 +112,22 @@ def _input_hook(module, args):
     return (module.ptq_input(args[0]), *args[1:])
 
 
-def linear_input(linear: torch.nn.Module) -> LinearInput:
+def _tap_hook(linear, tap, args, output):
+    n = linear.in_features
+    return torch.cat([linear.ptq_input(output[..., :n]), output[..., n:]], dim=-1)
+
+
+def linear_input(linear: torch.nn.Module, tap: torch.nn.Module | None = None) -> LinearInput:
     """The linear's LinearInput, installed (a forward pre-hook, registered before any calibration hook, so those
-    see what the weight sees) on first use."""
+    see what the weight sees) on first use. A linear the model applies through its weight, never calling it
+    (``LinearGroup.tap``), gets it as a forward hook on ``tap`` instead, on the first ``in_features`` columns of
+    its output: that linear's input."""
     if not hasattr(linear, "ptq_input"):
         linear.ptq_input = LinearInput()
-        linear.register_forward_pre_hook(_input_hook)
+        if tap is None:
+            linear.register_forward_pre_hook(_input_hook)
+        else:
+            tap.register_forward_hook(functools.partial(_tap_hook, linear))
     return linear.ptq_input
 
 
@@ -197,7 +207,8 @@ def attention_quant(model: torch.nn.Module, attention: torch.nn.Module) -> Atten
     """``attention``'s AttentionQuant, installed on first use: the model's attention implementation (sdpa, eager,
     ...) is switched to ``ptqsuite_<it>``, which hands each attention module with an AttentionQuant to it, with
     the original implementation (and its mask format) to call."""
-    config = model.config
+    config = getattr(attention, "config", model.config)  # what it dispatches on: a VLM's text config, not the
+    # top level's, whose setter would also rewrap the vision tower's attention
     if not config._attn_implementation.startswith(ATTENTION_PREFIX):
         config._attn_implementation = _register_attention(config._attn_implementation)
     if not hasattr(attention, "ptq_attention"):
@@ -233,12 +244,21 @@ def quantize_io(model: torch.nn.Module, arch, act, kv) -> list:
     if act is not None:
         linears = arch.quantizable(model)
         _check_kept(act, {name.rsplit(".", 1)[-1] for name, _ in linears})
+        taps = _taps(model, arch)
         for name, linear in linears:
-            static += _install(linear_input(linear), act.for_layer(name.rsplit(".", 1)[-1]))
+            static += _install(linear_input(linear, taps.get(name)), act.for_layer(name.rsplit(".", 1)[-1]))
     if kv is not None:
+        if arch.attention is None:
+            raise ValueError(f"a KV-cache format on architecture {arch.name!r}, which has no attention and no KV cache")
         for block in arch.block_list(model):
             static += _install(attention_quant(model, block.get_submodule(arch.attention)), kv)
     return static
+
+
+def _taps(model: torch.nn.Module, arch) -> dict:
+    """Full name -> tap module, for every linear applied through its weight (Mamba's dt_proj)."""
+    return {f"{arch.blocks}.{b}.{name}": block.get_submodule(g.tap) for b, block in enumerate(arch.block_list(model))
+            for g in arch.groups_of(block) if g.tap is not None for name in g.linears}
 
 
 def _install(quantizer, spec) -> list:

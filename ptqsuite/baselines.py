@@ -160,7 +160,7 @@ def _compare_accuracy(name: str, was: dict, now: dict, v: Verdict) -> None:
 
 
 LOWER_IS_BETTER = (".ppl", ".kld", ".perplexity")
-HIGHER_IS_BETTER = (".recovery", ".acc", ".acc_norm")
+HIGHER_IS_BETTER = (".recovery", ".acc", ".acc_norm", ".top1")
 
 
 def _is_worse(name: str, delta: float) -> bool:

@@ -12,8 +12,9 @@ from .recipe import Recipe, parse
 
 DEFAULT = Path(__file__).with_name("matrix.toml")
 # What a case can evaluate (`evals`, default ["ppl"]): perplexity, zero-shot tasks through lm-eval, long-context
-# retrieval. The last two are sized by their own tables ([zeroshot.<device>], [longctx.<device>]).
-EVALUATIONS = ("ppl", "zeroshot", "longctx")
+# retrieval, a VLM's image-and-text agreement with its unquantized self. All but perplexity are sized by their own
+# tables ([zeroshot.<device>], [longctx.<device>], [vlm.<device>]).
+EVALUATIONS = ("ppl", "zeroshot", "longctx", "vlm")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,13 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.recipe}-{self.model.name}"
+
+    @property
+    def unsupported(self) -> str | None:
+        """Why the recipe does not apply to the model's architecture (the case skips with it), or None."""
+        from . import arch, pipeline
+
+        return pipeline.unsupported(self.recipe, arch.get(self.model.arch))
 
     @property
     def group(self) -> str:
@@ -43,7 +51,7 @@ class Matrix:
     tiers: tuple[str, ...]
     cases: tuple[Case, ...]
     budgets: dict[str, dict[str, dict[str, int]]]
-    sizes: dict[str, dict] = field(default_factory=dict)  # {zeroshot | longctx: {device: {model | "*": settings}}}
+    sizes: dict[str, dict] = field(default_factory=dict)  # {evaluation but ppl: {device: {model | "*": settings}}}
 
     def in_tier(self, case: Case, tier: str) -> bool:
         return self.tiers.index(case.tier) <= self.tiers.index(tier)
@@ -52,7 +60,8 @@ class Matrix:
         return _lookup(self.budgets, device_type, model)
 
     def size(self, evaluation: str, device_type: str, model: str) -> dict:
-        """The settings of ``evaluation`` (zeroshot: examples per task; longctx: lengths and n) for a model."""
+        """The settings of ``evaluation`` (zeroshot: examples per task; longctx: lengths and n; vlm: n
+        images and new_tokens) for a model."""
         return _lookup(self.sizes[evaluation], device_type, model)
 
     def weight_bits(self, tier: str | None = None) -> list[int]:
@@ -99,7 +108,7 @@ def load(path: Path = DEFAULT) -> Matrix:
 def _check_sizes(path: Path, sizes: dict) -> None:
     from .eval import lmeval, longctx
 
-    valid = {"zeroshot": set(lmeval.TASKS), "longctx": {"lengths", "n", "task"}}
+    valid = {"zeroshot": set(lmeval.TASKS), "longctx": {"lengths", "n", "task"}, "vlm": {"n", "new_tokens"}}
     for name, per_device in sizes.items():
         for device, per_model in per_device.items():
             for model, settings in per_model.items():

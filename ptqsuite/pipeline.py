@@ -15,6 +15,12 @@ A recipe without calibration quantizes every linear on its own. One with calibra
 3. the quantized block's outputs on its inputs become the next block's inputs, so each block is calibrated on
    what the quantized model before it produces.
 
+Mixture-of-experts blocks: an expert's Hessian is collected from the tokens the router sends it (its linears'
+own inputs), all of one stage's experts in one forward. The router is never overridden: calibration sees the
+routing the model does. An expert that receives fewer calibration tokens than its input width (``Stats.n < in_features``: its Hessian is singular, fitted to fewer tokens than unknowns) is solved
+with the identity Hessian instead: GPTQ then reduces exactly to round-to-nearest and a clipping search to weight
+MSE. The report lists each such linear with its token count (``fallbacks``).
+
 A block-level clipping step (OmniQuant's LWC) also needs the full-precision model's activations: then a second
 stream runs the unquantized blocks, and its outputs are LWC's targets. GPU memory holds one block, its stage's
 Hessians and the calibration activations (one stream, two with LWC); the rest of the model stays where it was.
@@ -30,7 +36,7 @@ from .arch import Arch
 from .blockwise import Stop, capture, chunk_size, forward, walk
 from .granularity import PerTensor
 from .mitigation import METHODS
-from .mitigation.stats import Hessian
+from .mitigation.stats import Hessian, Stats
 from .activations import quantize_io
 from .recipe import Recipe
 from .transforms import TRANSFORMS
@@ -45,6 +51,8 @@ class QuantReport:
     bits_per_weight: float  # over quantized linears: scales, zero points and compensation factors included
     model_bytes: int  # quantized linears at their effective bits, every other parameter at 16 bits
     timings: dict = field(default_factory=dict)  # seconds per phase: capture, forward, hessian, solve, ...
+    fallbacks: dict = field(default_factory=dict)  # linear -> calibration tokens it saw, where too few for its
+    # Hessian (an expert the router rarely chose): solved with the identity Hessian
     transforms: dict = field(default_factory=dict, repr=False)  # each transform step's fitted state
 
     def to_dict(self) -> dict:
@@ -100,12 +108,28 @@ class _Timer(dict):
         return now
 
 
+def unsupported(recipe: Recipe, arch: Arch) -> str | None:
+    """Why ``recipe`` cannot run on ``arch`` (None: it can), read from the architecture's data alone, before any
+    model is loaded: a KV-cache format where the blocks do not attend, or a transform whose module rejects the
+    architecture (``unsupported_on(arch)``)."""
+    if recipe.kv is not None and arch.attention is None:
+        return f"{recipe.kv.token('kv')} on {arch.name}: its blocks have no attention, so there is no KV cache"
+    for step in recipe.transforms:
+        reason = getattr(TRANSFORMS[step.name], "unsupported_on", lambda arch: None)(arch)
+        if reason:
+            return f"transform {step} on {arch.name}: {reason}"
+    return None
+
+
 @torch.no_grad()
 def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: torch.Tensor | None = None,
              device: torch.device | str | None = None, progress=None) -> QuantReport:
     """Quantize ``model`` in place. ``calibration``: token ids ``[n, seqlen]`` (recipes that need it);
     ``device``: where blocks are computed (default: where the model is); ``progress(done, total, what)``."""
     plan, timer = _Plan.of(recipe), _Timer()
+    reason = unsupported(recipe, arch)
+    if reason:
+        raise ValueError(f"recipe {recipe} does not apply: {reason}")
     if recipe.needs_calibration and calibration is None:
         raise ValueError(f"recipe {recipe} needs calibration data (its steps {sorted(recipe.names)} use it)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -123,7 +147,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: to
             if progress:
                 progress(i + 1, len(linears), name)
     else:
-        bits = _sequential(model, arch, plan, calibration, device, timer, progress)
+        bits, fallbacks = _sequential(model, arch, plan, calibration, device, timer, progress)
     # after the weights: calibration saw unquantized activations (online rotations included), as QuaRot's code does
     static = quantize_io(model, arch, recipe.act, recipe.kv)
     if static:
@@ -137,6 +161,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe, arch: Arch, calibration: to
         linears=len(linears), quantized_params=qparams, bits_per_weight=total_bits / qparams,
         model_bytes=round((total_bits + 16 * (total_params - qparams)) / 8),
         timings={k: round(v, 3) for k, v in timer.items()}, transforms=states,
+        fallbacks=fallbacks if plan.calibrated and recipe.weight.fmt is not None else {},
     )
 
 
@@ -239,13 +264,13 @@ def _mitigate(W: torch.Tensor, stats, plan: _Plan, clip) -> tuple[torch.Tensor, 
 
 
 def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, device: torch.device, timer: _Timer,
-                progress) -> dict[str, float]:
+                progress) -> tuple[dict[str, float], dict[str, int]]:
     t = time.perf_counter()
     chunk = chunk_size(arch, model, calibration.shape[1])
     inputs, kwargs = capture(model, arch, calibration, device, chunk)
     fp_inputs = list(inputs) if plan.block_clip else None
     t = timer.add("capture", t)
-    blocks, bits = arch.block_list(model), {}
+    blocks, bits, fallbacks = arch.block_list(model), {}, {}
     for b, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device)
@@ -261,12 +286,15 @@ def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, devic
                                     plan.spec, options)
             fp_inputs = targets
             t = timer.add("clip", t)
-        for stage in _stages(arch, plan.sequential if plan.needs_stats else False):
+        for stage in _stages(arch, block, plan.sequential if plan.needs_stats else False):
             hessians = _collect(block, stage, inputs, run, device, timer) if plan.needs_stats else None
             t = time.perf_counter()
             for group in stage:
                 layers = [block.get_submodule(name) for name in group.linears]
-                stats = hessians.pop(group.source).stats() if hessians is not None else None
+                stats = hessians.pop(group).stats() if hessians is not None else None
+                if stats is not None and group.routed and stats.n < layers[0].in_features:
+                    fallbacks.update((f"{arch.blocks}.{b}.{name}", stats.n) for name in group.linears)
+                    stats = Stats.identity(layers[0].in_features, device)
                 if stats is not None:
                     stats.last_use = plan.clip is None and plan.compensate is None  # only the solver reads it
                 done = _quantize_linears(layers, stats, plan, [clips.get(name) for name in group.linears])
@@ -280,7 +308,7 @@ def _sequential(model, arch: Arch, plan: _Plan, calibration: torch.Tensor, devic
         t = timer.add("move", t)
         if progress:
             progress(b + 1, len(blocks), f"block {b}")
-    return bits
+    return bits, fallbacks
 
 
 def _sequences(inputs: list, targets: list, kwargs: list) -> tuple[list, list, list]:
@@ -305,20 +333,24 @@ def _select(v, j: int, batch: int):
     return v
 
 
-def _stages(arch: Arch, sequential: bool) -> list[tuple]:
-    return [(g,) for g in arch.groups] if sequential else [tuple(arch.groups)]
+def _stages(arch: Arch, block, sequential: bool) -> list[tuple]:
+    """True-sequential: one stage per declared group (with its expansions over experts, which do not read each
+    other's outputs); otherwise the whole block is one stage."""
+    stages = arch.stages(block)
+    return stages if sequential else [tuple(g for stage in stages for g in stage)]
 
 
-def _collect(block, stage: tuple, inputs: list, run, device, timer: _Timer) -> dict[str, Hessian]:
-    """Each input group's Hessian over the calibration inputs, with the block as it is now. The forward stops once
-    every linear of the stage has been called."""
-    hessians = {g.source: Hessian(block.get_submodule(g.linears[0]).in_features, device) for g in stage}
+def _collect(block, stage: tuple, inputs: list, run, device, timer: _Timer) -> dict:
+    """Each group's Hessian over the calibration inputs, with the block as it is now, by group. The forward stops
+    once every linear of the stage has been called (or its tap, for linears applied through their weight)."""
+    hessians = {g: Hessian(block.get_submodule(g.linears[0]).in_features, device) for g in stage}
     waiting, handles, mark = set(), [], [time.perf_counter()]
 
-    def accumulate(source):
-        def hook(module, args):
+    def accumulate(group):
+        def hook(module, args, output=None):
             mark[0] = timer.add("forward", mark[0])  # on CUDA it synchronizes: the forward so far counts as forward
-            hessians[source].add_batch(args[0])
+            x = args[0] if group.tap is None else output[..., :hessians[group].H.shape[0]]
+            hessians[group].add_batch(x)
             mark[0] = timer.add("hessian", mark[0])
         return hook
 
@@ -329,13 +361,19 @@ def _collect(block, stage: tuple, inputs: list, run, device, timer: _Timer) -> d
                 raise Stop
         return hook
 
+    watched = []
     for g in stage:
-        handles.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(accumulate(g.source)))
-        for name in g.linears:
-            handles.append(block.get_submodule(name).register_forward_hook(seen(name)))
+        if g.tap is None:
+            handles.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(accumulate(g)))
+            watched += g.linears
+        else:
+            handles.append(block.get_submodule(g.tap).register_forward_hook(accumulate(g)))
+            watched.append(g.tap)
+    for name in dict.fromkeys(watched):
+        handles.append(block.get_submodule(name).register_forward_hook(seen(name)))
     try:
         for i, x in enumerate(inputs):
-            waiting.update(name for g in stage for name in g.linears)
+            waiting.update(watched)
             try:
                 run(x, i)
             except Stop:

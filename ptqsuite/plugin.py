@@ -292,6 +292,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         case = getattr(item, "callspec", None) and item.callspec.params.get("ptq_case")
         (drop if case is not None and not opts.selects(case) else keep).append(item)
+        if case is not None and case.unsupported:
+            item.add_marker(pytest.mark.skip(reason=f"{case.id}: does not apply: {case.unsupported}"))
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine"))
         if item.get_closest_marker("slow") and opts.tier != "full":

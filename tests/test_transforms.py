@@ -10,10 +10,13 @@ from ptqsuite.arch import arch_of
 from ptqsuite.recipe import parse
 from ptqsuite.transforms import TRANSFORMS, rotate
 
-# Every llama-like layout in the registry: Llama (trained stories260K with its 172-wide MLP, the random Llama-3
-# layout), Mistral (sliding window), Qwen2 (q/k/v biases, tied embeddings). SmolLM2 (tied, 576 = 36·16 wide,
-# 9 heads of 64) joins where its weights are present.
-ARCHS = ["stories260k", "llama3-tiny-random", "mistral-tiny-random", "qwen2-tiny-random",
+# Every layout in the registry: Llama (trained stories260K with its 172-wide MLP, the random Llama-3 layout,
+# Llama-2's multi-head attention), Mistral (sliding window), Qwen2 (q/k/v biases, tied embeddings), Gemma ((1 + w)
+# norms made plain on load, scaled embedding, head_dim · heads > hidden), the MoE layouts (Mixtral; Qwen2-MoE's shared
+# expert and its gate, where a rewrite must reach the kept router too). SmolLM2 (tied, 576 = 36·16 wide, 9 heads
+# of 64) joins where its weights are present.
+ARCHS = ["stories260k", "llama3-tiny-random", "llama2-tiny-random", "mistral-tiny-random", "qwen2-tiny-random",
+         "gemma-tiny-random", "mixtral-tiny-random", "qwen2-moe-tiny-random",
          pytest.param("smollm2-135m", marks=pytest.mark.xdist_group("smollm2-135m"))]
 # The recipe each transform is fitted for: the format its search judges by, or what its loss quantizes. Applied,
 # the states must preserve the function whatever they were fitted for.

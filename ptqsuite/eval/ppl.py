@@ -25,6 +25,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..arch import arch_of
+
 LOGITS_BUDGET_BYTES = 1 << 30  # fp32 logits of one batch; sets the default batch size
 
 
@@ -69,10 +71,11 @@ def windows(tokenizer, eval_text, seqlen: int, bos_per_window: bool, max_windows
 def perplexity(model, tokenizer, eval_text, *, seqlen: int = 2048, bos_per_window: bool = False,
                max_windows: int | None = None, batch_size: int | None = None,
                reference=None, kld_windows: int = 0, progress=None) -> PplResult:
-    seqlen = min(seqlen, model.config.max_position_embeddings)
+    config = arch_of(model).config(model)  # the language model's sizes (a VLM's text config)
+    seqlen = min(seqlen, getattr(config, "max_position_embeddings", None) or seqlen)  # none: no limit (Mamba)
     w = windows(tokenizer, eval_text, seqlen, bos_per_window, max_windows)
     device = next(model.parameters()).device
-    batch_size = batch_size or default_batch_size(seqlen, model.config.vocab_size)
+    batch_size = batch_size or default_batch_size(seqlen, config.vocab_size)
     kld_windows = min(kld_windows, len(w)) if reference is not None else 0
     if reference is not None and not isinstance(reference, ReferenceLogProbs):
         reference = ReferenceLogProbs(reference)

@@ -16,6 +16,12 @@ class Stats:
     derived: dict = field(default_factory=dict)  # what steps compute from H once per layer group (GPTQ's H⁻¹ factor)
     last_use: bool = False  # the caller needs H no more after the first step that takes it (take_H)
 
+    @classmethod
+    def identity(cls, columns: int, device: torch.device | str = "cpu") -> "Stats":
+        """The Hessian of inputs with uncorrelated unit-variance channels, ``I``: the stand-in where calibration
+        saw too few tokens (see pipeline's MoE note). A solver's error weighting becomes plain weight error."""
+        return cls(torch.eye(columns, device=device, dtype=torch.float32), 0)
+
     def take_H(self) -> torch.Tensor:
         """H to overwrite: itself when nothing reads it afterwards (saves a copy: 0.77 GiB for a 14336-wide fp32
         H), else a copy."""

@@ -94,7 +94,10 @@ def migrate(source: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> Non
 
 def migratable(block: nn.Module, group) -> bool:
     """Whether a per-channel scale can move through ``group.source``: a norm always; a linear when its outputs
-    are exactly the group's inputs (not under grouped-query attention, where one V channel feeds several heads)."""
+    are exactly the group's inputs (not under grouped-query attention, where one V channel feeds several heads);
+    never through a nonlinearity (``source`` None)."""
+    if group.source is None:
+        return False
     source = block.get_submodule(group.source)
     if not isinstance(source, nn.Linear):
         return True

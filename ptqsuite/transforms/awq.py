@@ -50,7 +50,8 @@ class State:
 def fit(model, arch, calibration, recipe, options: Options, device=None) -> State:
     scales, ratios, losses = {}, {}, {}
     device = device or next(model.parameters()).device
-    firsts, scopes = {g.linears[0] for g in arch.groups}, {_scope(g) for g in arch.groups}
+    groups = arch.input_groups(arch.block_list(model)[0])
+    firsts, scopes = {g.observed for g in groups}, {_scope(g) for g in groups}
     watch = tuple(sorted(firsts | scopes))
     sums, calls = {}, {}  # per watched linear: (sum |x| per channel, tokens); per watched module: its calls
 
@@ -63,8 +64,8 @@ def fit(model, arch, calibration, recipe, options: Options, device=None) -> Stat
             calls.setdefault(name, []).append((args, kw))
 
     for b, block in walk(model, arch, calibration, device, watch, on_call):
-        for g in (g for g in arch.groups if algebra.migratable(block, g)):
-            total, n = sums[g.linears[0]]
+        for g in (g for g in arch.input_groups(block) if algebra.migratable(block, g)):
+            total, n = sums[g.observed]
             s, r, loss = search(block, g, total / n, calls[_scope(g)], recipe.weight, options.grid)
             key = f"{b}.{g.source}"
             scales[key], ratios[key], losses[key] = s.float().cpu(), r, loss
@@ -112,8 +113,8 @@ def _out(y):
 
 def apply(model, arch, state: State) -> None:
     for b, block in enumerate(arch.block_list(model)):
-        for g in arch.groups:
+        for g in arch.input_groups(block):
             key = f"{b}.{g.source}"
             if key in state.scales:
-                algebra.migrate(block.get_submodule(g.source), [block.get_submodule(n) for n in g.linears],
+                algebra.migrate(block.get_submodule(g.source), [block.get_submodule(n) for n in g.linears + g.kept],
                                 state.scales[key])

@@ -46,12 +46,12 @@ def options(step) -> Options:
 @dataclass(frozen=True)
 class State:
     residual: torch.Tensor  # R1 [hidden, hidden], orthogonal, float64
-    head: torch.Tensor  # R2 [head_dim, head_dim], orthogonal, float64
+    head: torch.Tensor | None  # R2 [head_dim, head_dim], orthogonal, float64; None: no attention (no V to rotate)
 
 
 def fit(model, arch, calibration, recipe, options: Options, device=None) -> State:
-    _, _, head_dim = arch.heads(model)
-    return State(random_hadamard(model.config.hidden_size, options.seed), normalized_hadamard(head_dim))
+    head = normalized_hadamard(arch.heads(model)[2]) if arch.value_out is not None else None
+    return State(random_hadamard(arch.config(model).hidden_size, options.seed), head)
 
 
 def normalized_hadamard(n: int) -> torch.Tensor:
@@ -63,25 +63,30 @@ def fold_norms(model, arch) -> None:
     """Every norm's gain into the linears it feeds (the final norm into the head), the head untied first."""
     algebra.untie(model, arch.embed, arch.head)
     for block in arch.block_list(model):
-        for group in arch.norm_groups():
-            algebra.fold_norm(block.get_submodule(group.source), [block.get_submodule(n) for n in group.linears])
+        for group in arch.norm_groups(block):
+            algebra.fold_norm(block.get_submodule(group.source), readers(block, group))
     algebra.fold_norm(model.get_submodule(arch.final_norm), [model.get_submodule(arch.head)])
 
 
 def rotate_residual(model, arch, Q: torch.Tensor) -> None:
     """Carry the residual stream as ``x Q`` (norms folded first)."""
     algebra.rotate_embedding(model.get_submodule(arch.embed), Q)
+    for name in arch.stream_inputs:
+        algebra.rotate_outputs(model.get_submodule(name), Q)
     for block in arch.block_list(model):
-        for group in arch.norm_groups():
-            for name in group.linears:
-                algebra.rotate_inputs(block.get_submodule(name), Q)
-        for name in arch.residual_writers:
+        for group in arch.norm_groups(block):
+            for module in readers(block, group):
+                algebra.rotate_inputs(module, Q)
+        for name in arch.names(block, arch.residual_writers):
             algebra.rotate_outputs(block.get_submodule(name), Q)
     algebra.rotate_inputs(model.get_submodule(arch.head), Q)
 
 
 def rotate_values(model, arch, R: torch.Tensor) -> None:
-    """Produce V per head as ``v R`` and read it back in the output projection with ``W_o (I ⊗ R)``."""
+    """Produce V per head as ``v R`` and read it back in the output projection with ``W_o (I ⊗ R)`` (an
+    architecture without attention has no V to rotate)."""
+    if arch.value_out is None:
+        return
     heads, kv_heads, _ = arch.heads(model)
     value, out = arch.value_out
     for block in arch.block_list(model):
@@ -90,13 +95,20 @@ def rotate_values(model, arch, R: torch.Tensor) -> None:
 
 
 def rotate_online(model, arch) -> None:
-    """The online Hadamards: R4 before each ``online_rotated`` linear (its weight absorbs ``Hᵀ/√n``), R3 on Q and K."""
+    """The online Hadamards: R4 before each ``online_rotated`` linear (its weight absorbs ``Hᵀ/√n``), R3 on Q and K
+    (where the block attends)."""
     for block in arch.block_list(model):
-        for name in arch.online_rotated:
+        for name in arch.names(block, arch.online_rotated):
             linear = block.get_submodule(name)
             algebra.hadamard_inputs(linear)
             linear_input(linear).rotate = True
-        attention_quant(model, block.get_submodule(arch.attention)).rotate_qk = True
+        if arch.attention is not None:
+            attention_quant(model, block.get_submodule(arch.attention)).rotate_qk = True
+
+
+def readers(block, group) -> list:
+    """Every module reading a norm group's input: its linears and the modules it keeps in high precision."""
+    return [block.get_submodule(n) for n in group.linears + group.kept]
 
 
 def apply(model, arch, state: State) -> None:

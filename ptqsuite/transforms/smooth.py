@@ -45,8 +45,9 @@ class State:
 
 
 def input_absmax(model, arch, calibration, device) -> dict[str, torch.Tensor]:
-    """Per norm-fed group, each input channel's largest magnitude over the calibration tokens."""
-    sources = {g.linears[0]: g.source for g in arch.norm_groups()}
+    """Per norm-fed group, each input channel's largest magnitude over the calibration tokens (observed where every
+    token is read: a router rather than an expert)."""
+    sources = {g.observed: g.source for g in arch.norm_groups(arch.block_list(model)[0])}
     absmax = {}
 
     def on_call(b, name, args, kw):
@@ -63,7 +64,7 @@ def fit(model, arch, calibration, recipe, options: Options, device=None) -> Stat
     absmax = input_absmax(model, arch, calibration, device or next(model.parameters()).device)
     scales = {}
     for b, block in enumerate(arch.block_list(model)):
-        for g in arch.norm_groups():
+        for g in arch.norm_groups(block):
             key = f"{b}.{g.source}"
             w_max = torch.stack([block.get_submodule(n).weight.detach().abs().amax(0).float().cpu()
                                  for n in g.linears]).amax(0)
@@ -74,6 +75,6 @@ def fit(model, arch, calibration, recipe, options: Options, device=None) -> Stat
 
 def apply(model, arch, state: State) -> None:
     for b, block in enumerate(arch.block_list(model)):
-        for g in arch.norm_groups():
-            algebra.migrate(block.get_submodule(g.source), [block.get_submodule(n) for n in g.linears],
+        for g in arch.norm_groups(block):
+            algebra.migrate(block.get_submodule(g.source), [block.get_submodule(n) for n in g.linears + g.kept],
                             state.scales[f"{b}.{g.source}"])

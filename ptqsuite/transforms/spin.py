@@ -55,7 +55,7 @@ def unsupported(recipe) -> str | None:
 @dataclass(frozen=True)
 class State:
     residual: torch.Tensor  # learned R1 [hidden, hidden], float64
-    head: torch.Tensor  # R2 [head_dim, head_dim], a normalized Hadamard
+    head: torch.Tensor | None  # R2 [head_dim, head_dim], a normalized Hadamard; None: no attention
     losses: tuple  # the training loss at each step
     seconds: float
     held_out: tuple  # (before, after): the mean loss over the first EVAL sequences at R1's start and at its end
@@ -69,6 +69,9 @@ def fit(model, arch, calibration, recipe, options: Options, device=None) -> Stat
     readers, writers = _residual_params(work, arch)
     quantized = ({f"{name}.weight" for name, _ in arch.quantizable(work)}
                  if recipe.method == "rtn" and recipe.weight.fmt is not None else set())
+    for name in quantized - readers.keys() - writers.keys():  # R1 does not reach them (Mamba's x_proj, dt_proj):
+        W = work.get_parameter(name)  # quantized once, as the recipe will
+        W.data = recipe.weight.fmt.fake(W.data, recipe.weight.gran)
     loss = lambda R, ids: functional_call(  # noqa: E731
         work, _effective(readers, writers, R, quantized, recipe.weight), (ids,), {"labels": ids, "use_cache": False}
     ).loss
@@ -115,9 +118,9 @@ def _residual_params(model, arch) -> tuple[dict, dict]:
     writers = {}
     for b, block in enumerate(arch.block_list(model)):
         prefix = f"{arch.blocks}.{b}"
-        for g in arch.norm_groups():
-            readers.update((f"{prefix}.{n}.weight", block.get_submodule(n).weight) for n in g.linears)
-        for n in arch.residual_writers:
+        for g in arch.norm_groups(block):
+            readers.update((f"{prefix}.{n}.weight", block.get_submodule(n).weight) for n in g.linears + g.kept)
+        for n in arch.names(block, arch.residual_writers):
             linear = block.get_submodule(n)
             writers[f"{prefix}.{n}.weight"] = linear.weight
             if linear.bias is not None:
