@@ -11,6 +11,7 @@
 # zeroshot: benchmarks/bench_zeroshot.py on a random-init SmolLM2-135M (its weights do not travel): examples/s
 # stash:    first of two calls: carry .whl and .gpu/a; copies them to /tmp/stash (a later call's carry replaces the
 #           repository's ignored paths, /tmp stays while the machine is warm)
+# pair:     issue 10 on nvidia-h200-x2 (carry .whl): the small models' full tier with -n 2 (a GPU each), then -n 1
 # tier:     second call, carrying .gpu/b: the full tier (tests/test_accuracy.py and the ordering tests, --tier full)
 #           on cuda, recording baselines, with a results file and per-case durations; MODELS=a,b limits it to some
 #           models, WORKERS=n runs n xdist workers on the one GPU. SmolLM2's wheel (93 MB) is over one call's
@@ -67,5 +68,17 @@ case $what in
       > "$out/tier.txt" 2>&1
     echo "exit $? after $(( $(date +%s) - start )) s" >> "$out/tier.txt"
     tar czf "$out/baselines.tgz" baselines/cuda-* ;;
-  *) echo "unknown step $what; valid: tests, bench, gptq, transforms, accuracy, zeroshot, stash, tier"; exit 2 ;;
+  pair)
+    # issue 10, on the two-GPU machine (carry .whl): the full tier of the models that travel, once with two xdist
+    # workers each pinned to its own GPU (-n 2: --ptq-gpus defaults to every visible GPU), then with one worker
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$out/gpu.txt"
+    models=${MODELS:-stories260k,llama3-tiny-random,llama2-tiny-random,gemma-tiny-random,mixtral-tiny-random,qwen2-moe-tiny-random,mamba-tiny-random,llava-tiny-random}
+    for n in 2 1; do
+      start=$(date +%s)
+      timeout -s INT $([ $n = 2 ] && echo 240 || echo 330) $pytest -q tests/test_accuracy.py --tier full --device cuda \
+        --models $models -n $n --dist loadgroup --ptq-results "$out/results-n$n.jsonl" --durations=5 -rfE \
+        > "$out/pair-n$n.txt" 2>&1
+      echo "exit $? after $(( $(date +%s) - start )) s" >> "$out/pair-n$n.txt"
+    done ;;
+  *) echo "unknown step $what; valid: tests, bench, gptq, transforms, accuracy, zeroshot, stash, tier, pair"; exit 2 ;;
 esac

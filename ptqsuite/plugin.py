@@ -300,7 +300,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"slow on this machine: runs with --tier full (this run: --tier {opts.tier})"))
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    # longest first: cases with zero-shot or long-context evaluations (minutes each) start before the perplexity
+    # ones, so under xdist their groups are scheduled first and do not finish last on an otherwise idle machine
+    items[:] = sorted(keep, key=lambda item: not _long(item))
+
+
+def _long(item: pytest.Item) -> bool:
+    case = getattr(item, "callspec", None) and item.callspec.params.get("ptq_case")
+    return case is not None and bool(set(case.evals) - {"ppl"})
 
 
 @pytest.fixture(scope="session")
@@ -311,8 +318,8 @@ def ptq_options(pytestconfig: pytest.Config) -> Options:
 @pytest.fixture(scope="session")
 def ptq_runner(ptq_options: Options) -> Runner:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if ptq_options.settings.device.type == "cpu" and workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # no oversubscription under xdist
+    if workers > 1:  # no oversubscription under xdist: on a GPU too, where workers sharing one GPU run lm-eval's
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # and the eager KV paths' CPU work
     return Runner(ptq_options.settings, ptq_options.matrix)
 
 
