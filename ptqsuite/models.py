@@ -107,40 +107,41 @@ LLAVA_TINY = dict(
 def _registry() -> dict[str, ModelSpec]:
     from .weights import SMOLLM2
 
-    hub = lambda name, family, hub_id: ModelSpec(name, family, "llama", "hub", hub_id)  # noqa: E731
+    def hub(name, family, hub_id, arch="llama"):
+        return ModelSpec(name, family, arch, "hub", hub_id)
+
+    def tiny(name, family, arch, config, layout):
+        return ModelSpec(name, family, arch, "random", None, config, seed=0, notes=f"random-init, {layout}")
+
     specs = [
         hub("llama2-7b", "llama2", "meta-llama/Llama-2-7b-hf"),
         hub("llama3-8b", "llama3", "meta-llama/Meta-Llama-3-8B"),
         hub("llama3.1-8b", "llama3", "meta-llama/Llama-3.1-8B"),
         hub("mistral-7b", "mistral", "mistralai/Mistral-7B-v0.1"),
         hub("qwen2.5-7b", "qwen2", "Qwen/Qwen2.5-7B"),
-        ModelSpec("gemma-7b", "gemma", "gemma", "hub", "google/gemma-7b"),
-        ModelSpec("mixtral-8x7b", "mixtral", "mixtral", "hub", "mistralai/Mixtral-8x7B-v0.1"),
-        ModelSpec("qwen1.5-moe-a2.7b", "qwen2_moe", "qwen2_moe", "hub", "Qwen/Qwen1.5-MoE-A2.7B"),
+        hub("gemma-7b", "gemma", "google/gemma-7b", "gemma"),
+        hub("mixtral-8x7b", "mixtral", "mistralai/Mixtral-8x7B-v0.1", "mixtral"),
+        hub("qwen1.5-moe-a2.7b", "qwen2_moe", "Qwen/Qwen1.5-MoE-A2.7B", "qwen2_moe"),
         ModelSpec("stories260k", "tinystories", "llama", "shipped", "karpathy/tinyllamas", "stories260K",
                   bos_per_window=True, notes="trained 260K-parameter Llama (TinyStories), MIT"),
         ModelSpec("smollm2-135m", "smollm2", "llama", "pip-gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2,
                   notes="weights dequantized from GGUF Q4_1: RTN asym g32 is an artefact on this model"),
-        ModelSpec("llama3-tiny-random", "llama3", "llama", "random", None, LLAMA3_TINY, seed=0,
-                  notes="random-init, Llama-3 layout scaled down"),
-        ModelSpec("mistral-tiny-random", "mistral", "llama", "random", None, MISTRAL_TINY, seed=0,
-                  notes="random-init, Mistral layout (sliding window) scaled down"),
-        ModelSpec("qwen2-tiny-random", "qwen2", "llama", "random", None, QWEN2_TINY, seed=0,
-                  notes="random-init, Qwen2 layout (q/k/v biases, tied embeddings) scaled down"),
-        ModelSpec("llama2-tiny-random", "llama2", "llama", "random", None, LLAMA2_TINY, seed=0,
-                  notes="random-init, Llama-2 layout (multi-head attention) scaled down"),
-        ModelSpec("gemma-tiny-random", "gemma", "gemma", "random", None, GEMMA_TINY, seed=0,
-                  notes="random-init, Gemma layout ((1 + w) norms, scaled embedding, head_dim 64 x 8 > hidden; untied)"),
-        ModelSpec("mixtral-tiny-random", "mixtral", "mixtral", "random", None, MIXTRAL_TINY, seed=0,
-                  notes="random-init, Mixtral layout (4 experts, top-2) scaled down"),
-        ModelSpec("qwen2-moe-tiny-random", "qwen2_moe", "qwen2_moe", "random", None, QWEN2_MOE_TINY, seed=0,
-                  notes="random-init, Qwen1.5-MoE layout (8 fine-grained experts, top-4, gated shared expert)"),
-        ModelSpec("mamba-tiny-random", "mamba", "mamba", "random", None, MAMBA_TINY, seed=0,
-                  notes="random-init, Mamba layout (selective SSM, no attention) scaled down"),
-        ModelSpec("mamba-2.8b", "mamba", "mamba", "hub", "state-spaces/mamba-2.8b-hf"),
-        ModelSpec("llava-tiny-random", "llava", "llava", "random", None, LLAVA_TINY, seed=0,
-                  notes="random-init, LLaVA-1.5 layout (CLIP tower, MLP projector, Llama) scaled down"),
-        ModelSpec("llava-1.5-7b", "llava", "llava", "hub", "llava-hf/llava-1.5-7b-hf"),
+        tiny("llama3-tiny-random", "llama3", "llama", LLAMA3_TINY, "Llama-3 layout scaled down"),
+        tiny("mistral-tiny-random", "mistral", "llama", MISTRAL_TINY, "Mistral layout (sliding window) scaled down"),
+        tiny("qwen2-tiny-random", "qwen2", "llama", QWEN2_TINY,
+             "Qwen2 layout (q/k/v biases, tied embeddings) scaled down"),
+        tiny("llama2-tiny-random", "llama2", "llama", LLAMA2_TINY, "Llama-2 layout (multi-head attention) scaled down"),
+        tiny("gemma-tiny-random", "gemma", "gemma", GEMMA_TINY,
+             "Gemma layout ((1 + w) norms, scaled embedding, head_dim 64 x 8 > hidden; untied)"),
+        tiny("mixtral-tiny-random", "mixtral", "mixtral", MIXTRAL_TINY, "Mixtral layout (4 experts, top-2) scaled down"),
+        tiny("qwen2-moe-tiny-random", "qwen2_moe", "qwen2_moe", QWEN2_MOE_TINY,
+             "Qwen1.5-MoE layout (8 fine-grained experts, top-4, gated shared expert)"),
+        tiny("mamba-tiny-random", "mamba", "mamba", MAMBA_TINY,
+             "Mamba layout (selective SSM, no attention) scaled down"),
+        hub("mamba-2.8b", "mamba", "state-spaces/mamba-2.8b-hf", "mamba"),
+        tiny("llava-tiny-random", "llava", "llava", LLAVA_TINY,
+             "LLaVA-1.5 layout (CLIP tower, MLP projector, Llama) scaled down"),
+        hub("llava-1.5-7b", "llava", "llava-hf/llava-1.5-7b-hf", "llava"),
     ]
     return {s.name: s for s in specs}
 
