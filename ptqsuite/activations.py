@@ -26,7 +26,8 @@ from dataclasses import replace
 
 import torch
 
-from .granularity import PerChannel, PerToken
+from .formats import FloatFormat, IntFormat
+from .granularity import PerChannel, PerGroup, PerToken
 from .hadamard import fwht
 
 KV_TOKEN_BLOCK = 32  # KIVI's group size G; KIVI's residual R is 128 tokens, here R = G (documented deviation)
@@ -42,8 +43,34 @@ def fake(x: torch.Tensor, spec, params: tuple | None = None) -> torch.Tensor:
         raise RuntimeError(f"static {spec.gran} scales of {spec.fmt} were never calibrated: run the calibration "
                            f"pass (pipeline.quantize does) before evaluating")
     rows = x.reshape(-1, x.shape[-1])
+    if params is None and x.is_cuda and not x.requires_grad:
+        kernel = fused_fake(spec.fmt, spec.gran)
+        if kernel is not None:
+            return kernel(rows).reshape(x.shape)
     q = spec.fmt.quantize(rows, spec.gran, params).dequantize(x.dtype).reshape(x.shape)
     return x + (q - x).detach() if x.requires_grad else q
+
+
+@functools.cache  # looked up once per format: this is on every quantized linear input's and K/V's forward
+def fused_fake(fmt, gran):
+    """A Triton kernel computing ``fmt.fake(rows, gran)`` for ``rows[M, K]`` bit for bit in one or two launches
+    instead of torch's few dozen (dynamic scales along rows: INT and scaled float formats, per row or per group of
+    a row), or None: no Triton here, or a granularity only torch computes. ``fake`` uses it on CUDA, where the
+    kernels also divide correctly rounded as the specification does (torch's CUDA division by a scalar goes
+    through its reciprocal: int_quant.reference)."""
+    if not isinstance(gran, PerChannel | PerGroup):  # PerToken is a PerChannel: one group per row
+        return None
+    group = gran.n if isinstance(gran, PerGroup) else None
+    try:
+        from ptqsuite_kernels import float_quant, int_quant
+    except ImportError:
+        return None
+    if isinstance(fmt, IntFormat) and fmt.scale_dtype in int_quant.SCALE_DTYPES:
+        return functools.partial(int_quant.kernel, bits=fmt.bits, symmetric=fmt.symmetric, group=group,
+                                 scale_dtype=fmt.scale_dtype)
+    if isinstance(fmt, FloatFormat):
+        return functools.partial(float_quant.fake, fmt=fmt, gran=gran)
+    return None
 
 
 def rotate_online(x: torch.Tensor) -> torch.Tensor:

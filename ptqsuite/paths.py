@@ -1,9 +1,12 @@
 """Where ptqsuite keeps things on disk, and how it writes them safely."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -52,3 +55,16 @@ def publish_dir(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if retired is not None:
         shutil.rmtree(retired)
+
+
+@contextmanager
+def exclusive_lock(path: Path, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) between processes; ``log`` says so when waiting."""
+    with open(path, "a") as lock:  # "a": create if missing, never truncate a file another process holds
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting for {path}: another process is building what it guards")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock, also when the process dies

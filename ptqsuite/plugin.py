@@ -18,7 +18,7 @@ import torch
 from syrupy.exceptions import SnapshotDoesNotExist
 
 from . import matrix as matrix_mod
-from . import models, progress
+from . import models, progress, shared
 from .baselines import BaselineExtension, CorruptBaseline, check_finite, compare
 from .matrix import Case, Matrix
 from .recipe import known_methods, known_transforms
@@ -74,6 +74,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="write a results file: one JSON line per case (metrics, sizes, times, versions, baseline status)")
     g.addoption("--ptq-report", default=None, metavar="DIR",
                 help="write DIR/results.jsonl and a report (report.md, self-contained report.html, plots)")
+    g.addoption("--ptq-schedule", default=None, metavar="RESULTS",
+                help="under --dist loadgroup, start the xdist groups longest first by the case times in an earlier "
+                     "results file (--ptq-results); groups it does not know follow, in collection order")
     g.addoption("--ptq-gpus", default=None, metavar="ID[,ID..]",
                 help="under xdist, pin worker i to GPU ids[i mod len] through CUDA_VISIBLE_DEVICES "
                      "(default: every visible GPU; -n auto starts one worker per GPU)")
@@ -99,6 +102,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(ResultsWriter(config), "ptqsuite-results")
     if config.pluginmanager.has_plugin("xdist") and not config.pluginmanager.has_plugin("ptqsuite-gpus"):
         config.pluginmanager.register(GpuWorkers(config), "ptqsuite-gpus")
+    if workerinput is None and getattr(config.option, "numprocesses", None) \
+            and not config.pluginmanager.has_plugin("ptqsuite-shared"):
+        config.pluginmanager.register(shared.RunDirectory(), "ptqsuite-shared")
+    if config.getoption("--ptq-schedule"):
+        config.option.loadscopereorder = False  # xdist's default orders groups by test count: keep ours
     _install_progress(config, worker=workerinput is not None)
 
 
@@ -303,6 +311,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # longest first: cases with zero-shot or long-context evaluations (minutes each) start before the perplexity
     # ones, so under xdist their groups are scheduled first and do not finish last on an otherwise idle machine
     items[:] = sorted(keep, key=lambda item: not _long(item))
+    if config.getoption("--ptq-schedule"):
+        items[:] = longest_groups_first(items, _case_seconds(config.getoption("--ptq-schedule")))
+
+
+def _case_seconds(path: str) -> dict[str, float]:
+    from . import results
+
+    try:
+        records = results.read(Path(path))
+    except results.ResultsError as e:
+        raise pytest.UsageError(f"--ptq-schedule: {e}") from None
+    return {r["case"]: r["time"]["quantize_s"] + r["time"]["evaluate_s"] for r in records if "time" in r}
+
+
+def longest_groups_first(items: list[pytest.Item], seconds: dict[str, float]) -> list[pytest.Item]:
+    """``items`` with their xdist groups ordered by the summed ``seconds`` of their cases, longest first (LPT: on
+    n workers the longest groups start first and the short ones fill in), order within a group kept; tests of
+    unknown or no cost keep their order after."""
+    def group(item: pytest.Item) -> str:
+        marker = item.get_closest_marker("xdist_group")
+        return str(marker.args[0] if marker and marker.args else item.nodeid)
+
+    cost: dict[str, float] = {}
+    for item in items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("ptq_case")
+        cost[group(item)] = cost.get(group(item), 0.0) + (seconds.get(case.id, 0.0) if case else 0.0)
+    return sorted(items, key=lambda item: -cost[group(item)])
 
 
 def _long(item: pytest.Item) -> bool:
@@ -316,11 +351,12 @@ def ptq_options(pytestconfig: pytest.Config) -> Options:
 
 
 @pytest.fixture(scope="session")
-def ptq_runner(ptq_options: Options) -> Runner:
+def ptq_runner(ptq_options: Options, pytestconfig: pytest.Config) -> Runner:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:  # no oversubscription under xdist: on a GPU too, where workers sharing one GPU run lm-eval's
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # and the eager KV paths' CPU work
-    return Runner(ptq_options.settings, ptq_options.matrix)
+    directory = getattr(pytestconfig, "workerinput", {}).get(shared.WORKERINPUT_KEY)
+    return Runner(ptq_options.settings, ptq_options.matrix, shared=Path(directory) if directory else None)
 
 
 def run_or_skip(runner: Runner, case: Case, require_models: bool):

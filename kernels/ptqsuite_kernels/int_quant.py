@@ -1,7 +1,7 @@
 """INT fake quantization (quantize, then dequantize) per group of a row, in Triton, beside its torch reference.
 
-``kernel(x, bits, symmetric, group)`` equals ``reference(...)``, i.e. ``IntFormat(bits, symmetric).fake(x, gran)``
-with ``gran = PerGroup(group)``, or ``PerChannel()`` for ``group=None``, bit for bit (NaN results compared as NaN: their payload is not specified). Every
+``kernel(x, bits, symmetric, group, scale_dtype)`` equals ``reference(...)``, i.e. ``IntFormat(bits, symmetric,
+scale_dtype).fake(x, gran)`` with ``gran = PerGroup(group)``, or ``PerChannel()`` for ``group=None``, bit for bit (NaN results compared as NaN: their payload is not specified). Every
 step is elementwise or an order-free min/max, so exactness is possible, but only with these choices, each checked
 by tests/kernels/test_int_quant.py:
 
@@ -24,13 +24,15 @@ from .rounding import cast_rne, nonfinite, round_half_even
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE = 1024  # elements a program handles: whole groups, several of them when groups are small
-FP16 = torch.finfo(torch.float16)  # the scales' storage dtype (IntFormat.scale_dtype)
+# The scales' storage dtypes (IntFormat.scale_dtype: fp16 for weights, fp32 for dynamic activations and KV) and
+# the fp32 mantissa bits each lacks: rounding toward zero into one, within its normal range, clears them.
+SCALE_DTYPES = {torch.float16: 13, torch.float32: 0}
 
 
 # Sizes and code bounds are plain arguments, so that a GPU compiles one variant per tile shape, dtype and symmetry.
 @triton.jit(do_not_specialize=["cols", "group", "num_groups", "total_groups", "qmin", "qmax"])
 def _fake_int(x_ptr, out_ptr, cols, group, num_groups, total_groups, qmin, qmax,
-              SYMMETRIC: tl.constexpr, SCALE_MIN: tl.constexpr, SCALE_MAX: tl.constexpr,
+              SYMMETRIC: tl.constexpr, SCALE_MIN: tl.constexpr, SCALE_MAX: tl.constexpr, SCALE_CLEAR: tl.constexpr,
               GROUPS: tl.constexpr, BLOCK: tl.constexpr):
     # One program: GROUPS consecutive groups of the row-major tensor as a [GROUPS, BLOCK] tile, a group a row.
     index = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)[:, None]
@@ -50,10 +52,11 @@ def _fake_int(x_ptr, out_ptr, cols, group, num_groups, total_groups, qmin, qmax,
         lo = tl.minimum(tl.min(x, axis=1), 0.0)
         scale = tl.math.div_rn(tl.maximum(tl.max(x, axis=1), 0.0) - lo, qmax)
     scale = tl.where(scale > 0, scale, 1.0)  # the spec's scale for a zero range (whose zeros decode with any)
-    # What gets stored: an fp16 scale rounded toward zero. Within fp16's normal range (the clamp) that is fp32
-    # with the 13 mantissa bits fp16 lacks cleared; plain bit arithmetic, the same in the interpreter and on a GPU.
+    # What gets stored: a scale rounded toward zero to its storage dtype. Within that dtype's normal range (the
+    # clamp) that is fp32 with the mantissa bits the dtype lacks cleared (fp16: 13, fp32: none); plain bit
+    # arithmetic, the same in the interpreter and on a GPU.
     scale = tl.minimum(tl.maximum(scale, SCALE_MIN), SCALE_MAX)
-    scale = ((scale.to(tl.int32, bitcast=True) >> 13) << 13).to(tl.float32, bitcast=True)
+    scale = ((scale.to(tl.int32, bitcast=True) >> SCALE_CLEAR) << SCALE_CLEAR).to(tl.float32, bitcast=True)
     # NaN or ±inf anywhere in a group: a NaN scale, so the whole group decodes to NaN (the spec's rule).
     special = real & nonfinite(x)
     scale = tl.where(tl.max(special.to(tl.int32), axis=1) > 0, float("nan"), scale)
@@ -70,9 +73,13 @@ def _fake_int(x_ptr, out_ptr, cols, group, num_groups, total_groups, qmin, qmax,
     tl.store(out_ptr + offset, cast_rne(xq, out_ptr.dtype.element_ty), mask=real)
 
 
-def kernel(x: torch.Tensor, bits: int, symmetric: bool, group: int | None) -> torch.Tensor:
-    """Fake-quantize ``x[rows, cols]`` to INT(bits) per ``group`` elements of a row (None: the whole row)."""
-    fmt = IntFormat(bits, symmetric)
+def kernel(x: torch.Tensor, bits: int, symmetric: bool, group: int | None,
+           scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Fake-quantize ``x[rows, cols]`` to INT(bits) per ``group`` elements of a row (None: the whole row), with
+    scales stored in ``scale_dtype``."""
+    fmt = IntFormat(bits, symmetric, scale_dtype)
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype {scale_dtype}: valid: {', '.join(map(str, SCALE_DTYPES))}")
     if group is not None:
         PerGroup(group)  # validates the group size as the reference does
     if x.dim() != 2:
@@ -91,13 +98,15 @@ def kernel(x: torch.Tensor, bits: int, symmetric: bool, group: int | None) -> to
     groups = max(1, TILE // block)
     _fake_int[(triton.cdiv(total_groups, groups),)](
         x, out, cols, group, num_groups, total_groups, fmt.qmin, fmt.qmax, SYMMETRIC=symmetric,
-        SCALE_MIN=FP16.tiny, SCALE_MAX=FP16.max, GROUPS=groups, BLOCK=block)
+        SCALE_MIN=torch.finfo(scale_dtype).tiny, SCALE_MAX=torch.finfo(scale_dtype).max,
+        SCALE_CLEAR=SCALE_DTYPES[scale_dtype], GROUPS=groups, BLOCK=block)
     return out
 
 
-def reference(x: torch.Tensor, bits: int, symmetric: bool, group: int | None) -> torch.Tensor:
+def reference(x: torch.Tensor, bits: int, symmetric: bool, group: int | None,
+              scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The specification, computed on the CPU whatever ``x``'s device: torch on CUDA divides by a Python number
     through its reciprocal (on an H200, ``x / d`` for d in 3..255 was off the correctly rounded quotient in 5% to
     72% of elements), and ``IntFormat.fake`` there moved 12 of 1.5M values by a step."""
     gran = PerChannel() if group is None else PerGroup(group)
-    return IntFormat(bits, symmetric).fake(x.cpu(), gran).to(x.device)
+    return IntFormat(bits, symmetric, scale_dtype).fake(x.cpu(), gran).to(x.device)

@@ -28,6 +28,7 @@ GROUPS = [1, 7, 12, 32, 128, None]  # None: per-channel, one group per row
 COLS = [1, 2, 7, 12, 13, 31, 32, 33, 127, 128, 129, 255, 256, 300]  # multiples of the groups and off by one
 VALUES = ["normal", "outliers", "zeros", "constant", "ties"]
 MAGNITUDES = [1.0, 1e4, 1e-6]  # 1e-6: every scale clamps to fp16's tiny; 1e4 (x100 outliers): to its max
+SCALE_DTYPES = [torch.float16, torch.float32]  # weights' scales; dynamic activations' and the KV cache's (recipe.py)
 
 if NO_KERNEL is None:
     from ptqsuite_kernels.int_quant import kernel, reference
@@ -47,6 +48,12 @@ class Case:
     values: str
     magnitude: float
     seed: int
+    scale_dtype: torch.dtype = torch.float16
+
+    @property
+    def args(self) -> tuple:
+        """The kernel's and the reference's arguments after ``x``."""
+        return self.bits, self.symmetric, self.group, self.scale_dtype
 
     @property
     def gran(self) -> PerGroup | PerChannel:
@@ -105,6 +112,7 @@ def cases(dtypes: list[torch.dtype] = DTYPES, symmetric: list[bool] = SYMMETRIC)
         values=st.sampled_from(VALUES),
         magnitude=st.sampled_from(MAGNITUDES),
         seed=st.integers(0, 2**32 - 1),
+        scale_dtype=st.sampled_from(SCALE_DTYPES),
     )
 
 
@@ -117,8 +125,7 @@ def cases(dtypes: list[torch.dtype] = DTYPES, symmetric: list[bool] = SYMMETRIC)
               seed=1))
 def test_kernel_equals_reference_bitwise(case: Case):
     x = case.tensor()
-    assert_bitwise_equal(kernel(x, case.bits, case.symmetric, case.group),
-                         reference(x, case.bits, case.symmetric, case.group))
+    assert_bitwise_equal(kernel(x, *case.args), reference(x, *case.args))
 
 
 @needs_kernel
@@ -133,15 +140,15 @@ def test_kernel_equals_reference_bitwise(case: Case):
 def test_symmetric_fake_quant_is_idempotent_in_fp32(case: Case):
     # Only in fp32: rounding the decoded values to fp16 or bf16 moves them off the grid, and refitting can then
     # find another scale.
-    once = kernel(case.tensor(), case.bits, case.symmetric, case.group)
-    assert_bitwise_equal(kernel(once, case.bits, case.symmetric, case.group), once)
+    once = kernel(case.tensor(), *case.args)
+    assert_bitwise_equal(kernel(once, *case.args), once)
 
 
 @needs_kernel
 @hypothesis_settings
 @given(cases())
 def test_at_most_2_pow_bits_values_per_group(case: Case):
-    out = kernel(case.tensor(), case.bits, case.symmetric, case.group)
+    out = kernel(case.tensor(), *case.args)
     groups = to_groups(out.cpu().float(), case.gran).sort(dim=-1).values
     distinct = 1 + (groups[..., 1:] != groups[..., :-1]).sum(dim=-1)
     assert distinct.max() <= 2**case.bits
@@ -151,14 +158,15 @@ def test_at_most_2_pow_bits_values_per_group(case: Case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("symmetric", SYMMETRIC)
 @pytest.mark.parametrize("group", [7, None])
-def test_special_values_follow_the_reference(dtype, symmetric, group):
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=str)
+def test_special_values_follow_the_reference(dtype, symmetric, group, scale_dtype):
     """NaN and ±inf poison their group (NaN), zeros and subnormals are ordinary values; elsewhere bitwise equal."""
     x = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)).to(dtype)
     x[0, 2], x[1, 20], x[2, 9] = torch.nan, torch.inf, -torch.inf
     x[3, :10] = torch.finfo(dtype).tiny / 4  # subnormal
     x[3, 10:12] = -0.0
     x = x.to(DEVICE)
-    out, ref = kernel(x, 4, symmetric, group), reference(x, 4, symmetric, group)
+    out, ref = kernel(x, 4, symmetric, group, scale_dtype), reference(x, 4, symmetric, group, scale_dtype)
     assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
     assert_bitwise_equal(out.nan_to_num(0.0), ref.nan_to_num(0.0))
 
@@ -167,6 +175,7 @@ def test_special_values_follow_the_reference(dtype, symmetric, group):
 @pytest.mark.parametrize("bad, error", [
     (dict(bits=9), ValueError),
     (dict(group=0), ValueError),
+    (dict(scale_dtype=torch.bfloat16), ValueError),
     (dict(x=torch.zeros(2, 3, 4)), ValueError),
     (dict(x=torch.zeros(2, 3, dtype=torch.int8)), TypeError),
 ])
