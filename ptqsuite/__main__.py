@@ -108,4 +108,3 @@ def _coverage(out: str | None, baselines: Path) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -286,11 +286,20 @@ def _suffix_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
     except ImportError:  # pytest < 9.2: xdist's renaming works
         return
     for item in items:
-        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                         for m in item.iter_markers("xdist_group")})
-        suffix = "@" + "_".join(groups)
-        if groups and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
-            item._id = coerce_node_id(item.nodeid + suffix)
+        group = _xdist_group(item)
+        if group and not item.nodeid.endswith("@" + group) and hasattr(item, "_id"):
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
+
+
+def _xdist_group(item: pytest.Item) -> str | None:
+    """The item's xdist group name as xdist forms it (its groups' names joined by "_"), None without one."""
+    return "_".join(sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                            for m in item.iter_markers("xdist_group")})) or None
+
+
+def _case_of(item: pytest.Item) -> Case | None:
+    """The matrix case a test is parametrized with, None for other tests."""
+    return item.callspec.params.get("ptq_case") if hasattr(item, "callspec") else None
 
 
 @pytest.hookimpl(trylast=True)  # after syrupy has recorded what was collected
@@ -298,7 +307,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     opts = config.stash[OPTIONS_KEY]
     keep, drop = [], []
     for item in items:
-        case = getattr(item, "callspec", None) and item.callspec.params.get("ptq_case")
+        case = _case_of(item)
         (drop if case is not None and not opts.selects(case) else keep).append(item)
         if case is not None and case.unsupported:
             item.add_marker(pytest.mark.skip(reason=f"{case.id}: does not apply: {case.unsupported}"))
@@ -329,19 +338,16 @@ def longest_groups_first(items: list[pytest.Item], seconds: dict[str, float]) ->
     """``items`` with their xdist groups ordered by the summed ``seconds`` of their cases, longest first (LPT: on
     n workers the longest groups start first and the short ones fill in), order within a group kept; tests of
     unknown or no cost keep their order after."""
-    def group(item: pytest.Item) -> str:
-        marker = item.get_closest_marker("xdist_group")
-        return str(marker.args[0] if marker and marker.args else item.nodeid)
-
+    groups = {item: _xdist_group(item) or item.nodeid for item in items}  # ungrouped: a unit of its own
     cost: dict[str, float] = {}
-    for item in items:
-        case = getattr(item, "callspec", None) and item.callspec.params.get("ptq_case")
-        cost[group(item)] = cost.get(group(item), 0.0) + (seconds.get(case.id, 0.0) if case else 0.0)
-    return sorted(items, key=lambda item: -cost[group(item)])
+    for item, group in groups.items():
+        case = _case_of(item)
+        cost[group] = cost.get(group, 0.0) + (seconds.get(case.id, 0.0) if case else 0.0)
+    return sorted(items, key=lambda item: -cost[groups[item]])
 
 
 def _long(item: pytest.Item) -> bool:
-    case = getattr(item, "callspec", None) and item.callspec.params.get("ptq_case")
+    case = _case_of(item)
     return case is not None and bool(set(case.evals) - {"ppl"})
 
 

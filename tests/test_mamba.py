@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+import pipeline_testing
 
 from ptqsuite import data, models, pipeline
 from ptqsuite.arch import arch_of
 from ptqsuite.arch.mamba import DT_MAX, DT_MIN, MAMBA
 from ptqsuite.mitigation import rtn
 from ptqsuite.recipe import parse
-from ptqsuite.transforms import TRANSFORMS, rotate, spin
+from ptqsuite.transforms import rotate, spin
 
 MODEL = "mamba-tiny-random"
 QUANTIZED = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -108,16 +109,9 @@ def test_fp_forward_is_finite_and_not_uniform(loaded, tokens):
 
 
 def fit_apply(loaded, name):
-    """Fit ``name`` on a copy of the model (which it must leave as it was), apply the state to another copy."""
+    """Fit ``name`` on a copy of the model for its FITTED_FOR recipe, apply the state to another copy."""
     recipe = parse(FITTED_FOR[name])
-    module, step = TRANSFORMS[name], recipe.transforms[0]
-    source, target = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
-    state = module.fit(source, MAMBA, calibration(loaded, recipe), recipe, module.options(step), "cpu")
-    for k, v in loaded.model.state_dict().items():
-        assert torch.equal(v, source.state_dict()[k]), f"{name}.fit changed {k}"
-    with torch.no_grad():
-        module.apply(target, MAMBA, state)
-    return target, state
+    return pipeline_testing.fit_apply(loaded.model, recipe, calibration(loaded, recipe))
 
 
 @pytest.mark.parametrize("name", sorted(FITTED_FOR))
@@ -171,25 +165,6 @@ def test_activation_quantization_reaches_every_linear(loaded, tokens, name):
     assert not torch.equal(logits(all_a4, tokens), logits(one_kept, tokens))
 
 
-class Recorder:
-    """Wraps the pipeline's per-group quantization: each linear's weight before and after, and the Hessian used."""
-
-    def __init__(self, monkeypatch, model):
-        self.names = {id(m): n for n, m in model.named_modules()}
-        self.seen = {}
-        inner = pipeline._quantize_linears
-
-        def wrapped(linears, stats, plan, clips):
-            before = [linear.weight.detach().clone() for linear in linears]
-            H, n = stats.H.clone(), stats.n  # the solver may consume stats.H
-            bits = inner(linears, stats, plan, clips)
-            for linear, W in zip(linears, before):
-                self.seen[self.names[id(linear)]] = (W, linear.weight.detach().clone(), H, n)
-            return bits
-
-        monkeypatch.setattr(pipeline, "_quantize_linears", wrapped)
-
-
 def input_hessians(model, ids) -> dict:
     """``2 XᵀX / n`` of each linear's inputs in one forward; dt_proj's are x_proj's first dt_rank outputs (Δ)."""
     H, handles = {}, []
@@ -219,7 +194,7 @@ def test_gptq_calibrates_every_linear_on_what_it_reads(loaded, monkeypatch):
     recipe = parse("gptq-w4g128@c4.8x64.s0")
     calib = calibration(loaded, recipe)
     model = copy.deepcopy(loaded.model)
-    rec = Recorder(monkeypatch, model)
+    rec = pipeline_testing.Recorder(monkeypatch, model)
     pipeline.quantize(model, recipe, MAMBA, calib)
     final = input_hessians(model, calib)
     assert set(rec.seen) == set(final)

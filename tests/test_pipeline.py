@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from pipeline_testing import Recorder
 
 from ptqsuite import data, models, pipeline
 from ptqsuite.arch import arch_of
@@ -13,7 +14,6 @@ from ptqsuite.recipe import parse
 # stories260K: a real trained model, 5 blocks, and a 172-wide MLP (tail groups). The tiny random Llama runs the
 # same code path through the accuracy matrix.
 MODELS = ["stories260k"]
-QUANTIZE_LINEARS = pipeline._quantize_linears
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -23,25 +23,6 @@ def loaded(request):
 
 def calibration(loaded, n=8, seqlen=128):
     return data.calibration("tinystories", loaded.tokenizer, n, seqlen, seed=0)
-
-
-class Recorder:
-    """Wraps the pipeline's per-group quantization: each linear's weight before and after, and the Hessian used."""
-
-    def __init__(self, monkeypatch, model):
-        self.names = {id(m): n for n, m in model.named_modules()}
-        self.seen = {}
-        inner = QUANTIZE_LINEARS
-
-        def wrapped(linears, stats, plan, clips):
-            before = [linear.weight.detach().clone() for linear in linears]
-            H = stats.H.clone()  # the solver may consume stats.H (Stats.last_use)
-            bits = inner(linears, stats, plan, clips)
-            for linear, W in zip(linears, before):
-                self.seen[self.names[id(linear)]] = (W, linear.weight.detach().clone(), H)
-            return bits
-
-        monkeypatch.setattr(pipeline, "_quantize_linears", wrapped)
 
 
 def quantize(loaded, recipe_id, monkeypatch=None, calib=None):
@@ -75,7 +56,7 @@ def test_true_sequential_calibrates_each_linear_on_the_quantized_model_before_it
     model, _, rec = quantize(loaded, "gptq-w3g32", monkeypatch, calib)
     final = input_hessians(model, calib)
     assert set(rec.seen) == set(final)
-    for name, (_, _, H) in rec.seen.items():
+    for name, (_, _, H, _) in rec.seen.items():
         torch.testing.assert_close(H, final[name], rtol=1e-4, atol=1e-5 * final[name].abs().max().item(), msg=name)
 
 
@@ -94,7 +75,7 @@ def test_gptq_output_error_at_most_rtns_on_every_layer(loaded, monkeypatch, reci
     """The paper's claim, on every linear of a real model, on the calibration inputs it was given."""
     model, _, rec = quantize(loaded, recipe, monkeypatch)
     spec = parse(recipe).weight
-    for name, (W, W_gptq, H) in rec.seen.items():
+    for name, (W, W_gptq, H, _) in rec.seen.items():
         W_rtn = rtn.solve(W, None, spec).dequantize()
         err = lambda W_hat: torch.trace((W - W_hat) @ H @ (W - W_hat).T).item()  # noqa: E731
         assert err(W_gptq) <= err(W_rtn) * (1 + 1e-5), name
@@ -104,13 +85,13 @@ def test_clip_and_lrc_do_their_part_on_every_layer(loaded, monkeypatch):
     """clip+rtn: each group's own output error at most plain RTN's; gptq+lrc: whole-layer error below GPTQ's."""
     _, _, clipped = quantize(loaded, "clip+rtn-w3g32", monkeypatch)
     spec = parse("rtn-w3g32").weight
-    for name, (W, W_hat, H) in clipped.seen.items():
+    for name, (W, W_hat, H, _) in clipped.seen.items():
         ours = clip.group_error(W, spec.gran.to_groups(W_hat), H, spec.gran)
         plain = clip.group_error(W, spec.gran.to_groups(rtn.solve(W, None, spec).dequantize()), H, spec.gran)
         assert (ours <= plain * (1 + 1e-5) + 1e-12).all(), name
     _, _, plain_gptq = quantize(loaded, "gptq-w3g32", monkeypatch)
     _, report, compensated = quantize(loaded, "gptq+lrc4-w3g32", monkeypatch)
-    for name, (W, W_hat, H) in compensated.seen.items():
+    for name, (W, W_hat, H, _) in compensated.seen.items():
         err = lambda W_hat: torch.trace((W - W_hat) @ H @ (W - W_hat).T).item()  # noqa: E731
         assert err(W_hat) < err(plain_gptq.seen[name][1]), name
     assert report.bits_per_weight > parse("gptq-w3g32").weight.fmt.bits_per_element((64, 64), spec.gran)

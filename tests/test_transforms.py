@@ -1,14 +1,13 @@
 """Pre-quantization transforms (ptqsuite/transforms/): function preservation on every supported architecture,
 orthogonality and what each search promises (the activation / KV-cache path they serve: test_activations.py)."""
-import copy
-
 import pytest
 import torch
+import pipeline_testing
 
 from ptqsuite import data, models
 from ptqsuite.arch import arch_of
 from ptqsuite.recipe import parse
-from ptqsuite.transforms import TRANSFORMS, rotate
+from ptqsuite.transforms import rotate
 
 # Every layout in the registry: Llama (trained stories260K with its 172-wide MLP, the random Llama-3 layout,
 # Llama-2's multi-head attention), Mistral (sliding window), Qwen2 (q/k/v biases, tied embeddings), Gemma ((1 + w)
@@ -40,20 +39,12 @@ def ids(loaded, n=2, seqlen=96, seed=1):
 
 
 def fit_apply(loaded, name):
-    """Fit ``name`` on a copy of the model for its FITTED_FOR recipe, apply the state to another copy."""
+    """Fit ``name`` on a copy of the model for its FITTED_FOR recipe (calibration capped at 8 x 128 tokens), apply
+    the state to another copy."""
     recipe = parse(FITTED_FOR[name])
-    module, step = TRANSFORMS[name], recipe.transforms[0]
-    source, target = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
-    before = {k: v.clone() for k, v in source.state_dict().items()}
     c = recipe.calibration
     calib = data.calibration(c.dataset, loaded.tokenizer, min(c.n, 8), min(c.seqlen, 128), c.seed)
-    state = module.fit(source, arch_of(source), calib, recipe, module.options(step), "cpu")
-    after = source.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), \
-        f"{name}.fit changed the model"
-    with torch.no_grad():
-        module.apply(target, arch_of(target), state)
-    return target, state
+    return pipeline_testing.fit_apply(loaded.model, recipe, calib)
 
 
 @pytest.mark.parametrize("name", sorted(FITTED_FOR))

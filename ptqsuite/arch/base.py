@@ -38,6 +38,12 @@ class LinearGroup:
     routed: bool = False  # an expansion for one expert: its linears see only the tokens routed to that expert
 
     @property
+    def rewritten(self) -> tuple[str, ...]:
+        """Every module reading the group's input, which a transform of that input must rewrite: its linears, then
+        the ones it keeps in high precision."""
+        return self.linears + self.kept
+
+    @property
     def observed(self) -> str:
         return self.reader or self.linears[0]
 

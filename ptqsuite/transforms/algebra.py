@@ -92,6 +92,11 @@ def migrate(source: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> Non
         scale_inputs(linear, s)
 
 
+def readers(block: nn.Module, group) -> list[nn.Module]:
+    """The modules of ``block`` reading ``group``'s input (``LinearGroup.rewritten``), in that order."""
+    return [block.get_submodule(n) for n in group.rewritten]
+
+
 def migratable(block: nn.Module, group) -> bool:
     """Whether a per-channel scale can move through ``group.source``: a norm always; a linear when its outputs
     are exactly the group's inputs (not under grouped-query attention, where one V channel feeds several heads);

@@ -116,5 +116,4 @@ def apply(model, arch, state: State) -> None:
         for g in arch.input_groups(block):
             key = f"{b}.{g.source}"
             if key in state.scales:
-                algebra.migrate(block.get_submodule(g.source), [block.get_submodule(n) for n in g.linears + g.kept],
-                                state.scales[key])
+                algebra.migrate(block.get_submodule(g.source), algebra.readers(block, g), state.scales[key])

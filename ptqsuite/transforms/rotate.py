@@ -64,7 +64,7 @@ def fold_norms(model, arch) -> None:
     algebra.untie(model, arch.embed, arch.head)
     for block in arch.block_list(model):
         for group in arch.norm_groups(block):
-            algebra.fold_norm(block.get_submodule(group.source), readers(block, group))
+            algebra.fold_norm(block.get_submodule(group.source), algebra.readers(block, group))
     algebra.fold_norm(model.get_submodule(arch.final_norm), [model.get_submodule(arch.head)])
 
 
@@ -75,7 +75,7 @@ def rotate_residual(model, arch, Q: torch.Tensor) -> None:
         algebra.rotate_outputs(model.get_submodule(name), Q)
     for block in arch.block_list(model):
         for group in arch.norm_groups(block):
-            for module in readers(block, group):
+            for module in algebra.readers(block, group):
                 algebra.rotate_inputs(module, Q)
         for name in arch.names(block, arch.residual_writers):
             algebra.rotate_outputs(block.get_submodule(name), Q)
@@ -104,11 +104,6 @@ def rotate_online(model, arch) -> None:
             linear_input(linear).rotate = True
         if arch.attention is not None:
             attention_quant(model, block.get_submodule(arch.attention)).rotate_qk = True
-
-
-def readers(block, group) -> list:
-    """Every module reading a norm group's input: its linears and the modules it keeps in high precision."""
-    return [block.get_submodule(n) for n in group.linears + group.kept]
 
 
 def apply(model, arch, state: State) -> None:

@@ -76,5 +76,4 @@ def fit(model, arch, calibration, recipe, options: Options, device=None) -> Stat
 def apply(model, arch, state: State) -> None:
     for b, block in enumerate(arch.block_list(model)):
         for g in arch.norm_groups(block):
-            algebra.migrate(block.get_submodule(g.source), [block.get_submodule(n) for n in g.linears + g.kept],
-                            state.scales[f"{b}.{g.source}"])
+            algebra.migrate(block.get_submodule(g.source), algebra.readers(block, g), state.scales[f"{b}.{g.source}"])

@@ -119,7 +119,7 @@ def _residual_params(model, arch) -> tuple[dict, dict]:
     for b, block in enumerate(arch.block_list(model)):
         prefix = f"{arch.blocks}.{b}"
         for g in arch.norm_groups(block):
-            readers.update((f"{prefix}.{n}.weight", block.get_submodule(n).weight) for n in g.linears + g.kept)
+            readers.update((f"{prefix}.{n}.weight", block.get_submodule(n).weight) for n in g.rewritten)
         for n in arch.names(block, arch.residual_writers):
             linear = block.get_submodule(n)
             writers[f"{prefix}.{n}.weight"] = linear.weight
